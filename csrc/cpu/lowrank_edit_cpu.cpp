@@ -1,0 +1,325 @@
+// CPU implementation of the low-rank edit ops: rows split over threads with at::parallel_for, each
+// row handled in strips of kLanes elements that the compiler vectorizes (csrc/lowrank_edit.h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../lowrank_edit.h"
+#include "../lowrank_edit_checks.h"
+
+namespace reft_ext {
+namespace {
+
+constexpr int kLanes = 16;
+
+// The row loops are force-inlined into per-ISA entry points (see kernel_variant below), so each entry
+// point compiles all of the row math for its own instruction set.
+#define REFT_ROW_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__)
+// Rows are memory-bound only when the edit's FMAs are wide: an AVX2+FMA variant runs where the CPU
+// has it, chosen at run time, so the build stays portable to any x86-64.
+#define REFT_AVX2_FMA __attribute__((target("avx2,fma")))
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+// The row in accumulation precision: the row itself when it already is, else converted into buffer.
+template <typename scalar_t, typename acc_t>
+REFT_ROW_INLINE const acc_t* row_as_acc(const scalar_t* row, int64_t d, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    for (int64_t j = 0; j < d; ++j) buffer[j] = static_cast<acc_t>(row[j]);
+    return buffer;
+  }
+}
+
+// Rows are processed in blocks of kRowBlock: each strip of P, Q and of the partial sums is loaded
+// once per block instead of once per row, which keeps those r×d matrices out of the row's way.
+constexpr int kRowBlock = 4;
+
+// z[i][k] = Σ_j P[k, j] x[i][j] + b[k] for the M rows x[i] (b may be null).
+template <int M, typename acc_t>
+REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
+                                  int64_t r, acc_t* const* z) {
+  const int64_t full = d - d % kLanes;
+  for (int64_t k = 0; k < r; ++k) {
+    const acc_t* w = P + k * d;
+    acc_t lane[M][kLanes] = {};
+    for (int64_t j = 0; j < full; j += kLanes) {
+      for (int i = 0; i < M; ++i) dot_lanes<kLanes>(lane[i], x[i] + j, w + j);
+    }
+    for (int i = 0; i < M; ++i) {
+      acc_t tail = 0;
+      for (int64_t j = full; j < d; ++j) tail += x[i][j] * w[j];
+      z[i][k] = sum_lanes<kLanes>(lane[i]) + tail + (b ? b[k] : acc_t(0));
+    }
+  }
+}
+
+// y[i] = x[i] + Σ_k z[i][k] Q[k, :] for the M rows, written in y's dtype; each strip of y once.
+template <int M, typename scalar_t, typename acc_t>
+REFT_ROW_INLINE void edit_rows(const acc_t* const* x, const acc_t* const* z, const acc_t* Q,
+                               int64_t d, int64_t r, scalar_t* const* y) {
+  const int64_t full = d - d % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    acc_t strip[M][kLanes];
+    for (int i = 0; i < M; ++i) load_strip<kLanes>(strip[i], x[i] + j);
+    for (int64_t k = 0; k < r; ++k) {
+      for (int i = 0; i < M; ++i) axpy_lanes<kLanes>(strip[i], z[i][k], Q + k * d + j);
+    }
+    for (int i = 0; i < M; ++i) store_strip<kLanes>(y[i] + j, strip[i]);
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int64_t j = full; j < d; ++j) {
+      acc_t value = x[i][j];
+      for (int64_t k = 0; k < r; ++k) value += z[i][k] * Q[k * d + j];
+      y[i][j] = static_cast<scalar_t>(value);
+    }
+  }
+}
+
+// acc[k, :] += Σ_i c[i][k] x[i] for every k < r: the outer-product sums of ∂P and ∂Q.
+template <int M, typename acc_t>
+REFT_ROW_INLINE void accumulate_rows(acc_t* acc, const acc_t* const* c, const acc_t* const* x,
+                                     int64_t d, int64_t r) {
+  const int64_t full = d - d % kLanes;
+  for (int64_t k = 0; k < r; ++k) {
+    acc_t* a = acc + k * d;
+    for (int64_t j = 0; j < full; j += kLanes) {
+      acc_t strip[kLanes];
+      load_strip<kLanes>(strip, a + j);
+      for (int i = 0; i < M; ++i) axpy_lanes<kLanes>(strip, c[i][k], x[i] + j);
+      store_strip<kLanes>(a + j, strip);
+    }
+    for (int64_t j = full; j < d; ++j) {
+      for (int i = 0; i < M; ++i) a[j] += c[i][k] * x[i][j];
+    }
+  }
+}
+
+// Row buffers of one thread: rows converted to the accumulation dtype (when h is not already in
+// it) and the r projections of each row of a block.
+template <typename scalar_t, typename acc_t>
+struct RowScratch {
+  static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> rows;
+  std::vector<acc_t> projections;
+  RowScratch(int64_t n_rows, int64_t d, int64_t r)
+      : rows(kConvert ? n_rows * d : 0), projections(kRowBlock * r) {}
+  // Pointers to rows [n, n + M) of src (stride d), converted into slot `slot` when needed.
+  template <int M>
+  REFT_ROW_INLINE void view(const scalar_t* src, int64_t n, int64_t d, int slot, const acc_t** out) {
+    for (int i = 0; i < M; ++i) {
+      out[i] = row_as_acc(src + (n + i) * d, d, kConvert ? rows.data() + (slot * M + i) * d : nullptr);
+    }
+  }
+};
+
+// Forward on M rows from n: z = x Pᵀ + b, out = x + z Q.
+template <int M, typename scalar_t, typename acc_t>
+REFT_ROW_INLINE void forward_block(RowScratch<scalar_t, acc_t>& scratch, const scalar_t* h,
+                                   const acc_t* P, const acc_t* Q, const acc_t* b, scalar_t* out,
+                                   acc_t* z, int64_t n, int64_t d, int64_t r) {
+  const acc_t* x[M];
+  acc_t* zi[M];
+  scalar_t* y[M];
+  scratch.template view<M>(h, n, d, 0, x);
+  for (int i = 0; i < M; ++i) {
+    zi[i] = z + (n + i) * r;
+    y[i] = out + (n + i) * d;
+  }
+  project_rows<M>(x, P, b, d, r, zi);
+  edit_rows<M>(x, zi, Q, d, r, y);
+}
+
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+REFT_ROW_INLINE void forward_rows(const scalar_t* h, const acc_t* P, const acc_t* Q, const acc_t* b,
+                                  scalar_t* out, acc_t* z, int64_t begin, int64_t end, int64_t d,
+                                  int64_t r) {
+  RowScratch<scalar_t, acc_t> scratch(kRowBlock, d, r);
+  int64_t n = begin;
+  for (; n + kRowBlock <= end; n += kRowBlock) {
+    forward_block<kRowBlock>(scratch, h, P, Q, b, out, z, n, d, r);
+  }
+  for (; n < end; ++n) forward_block<1>(scratch, h, P, Q, b, out, z, n, d, r);
+}
+
+// Backward on M rows from n: gz = g Qᵀ, ∂h = g + gz P, and ∂P += gzᵀ h, ∂Q += zᵀ g, ∂b += Σ gz
+// into `partial` = [∂P (r×d) | ∂Q (r×d) | ∂b (r)].
+template <int M, typename scalar_t, typename acc_t>
+REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch, const scalar_t* grad_out,
+                                    const scalar_t* h, const acc_t* P, const acc_t* Q,
+                                    const acc_t* z, scalar_t* grad_h, acc_t* partial, int64_t n,
+                                    int64_t d, int64_t r) {
+  const acc_t* g[M];
+  const acc_t* x[M];
+  const acc_t* zi[M];
+  acc_t* gz[M];
+  scalar_t* dh[M];
+  scratch.template view<M>(grad_out, n, d, 0, g);
+  scratch.template view<M>(h, n, d, 1, x);
+  for (int i = 0; i < M; ++i) {
+    zi[i] = z + (n + i) * r;
+    gz[i] = scratch.projections.data() + i * r;
+    dh[i] = grad_h + (n + i) * d;
+  }
+  project_rows<M>(g, Q, static_cast<const acc_t*>(nullptr), d, r, gz);
+  edit_rows<M>(g, gz, P, d, r, dh);
+  accumulate_rows<M>(partial, gz, x, d, r);
+  accumulate_rows<M>(partial + r * d, zi, g, d, r);
+  acc_t* db = partial + 2 * r * d;
+  for (int64_t k = 0; k < r; ++k) {
+    for (int i = 0; i < M; ++i) db[k] += gz[i][k];
+  }
+}
+
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+REFT_ROW_INLINE void backward_rows(const scalar_t* grad_out, const scalar_t* h, const acc_t* P,
+                                   const acc_t* Q, const acc_t* z, scalar_t* grad_h,
+                                   acc_t* partial, int64_t begin, int64_t end, int64_t d,
+                                   int64_t r) {
+  RowScratch<scalar_t, acc_t> scratch(2 * kRowBlock, d, r);
+  int64_t n = begin;
+  for (; n + kRowBlock <= end; n += kRowBlock) {
+    backward_block<kRowBlock>(scratch, grad_out, h, P, Q, z, grad_h, partial, n, d, r);
+  }
+  for (; n < end; ++n) backward_block<1>(scratch, grad_out, h, P, Q, z, grad_h, partial, n, d, r);
+}
+
+// Entry points compiled once per instruction set; the row loops above inline into each.
+template <typename scalar_t>
+void forward_rows_portable(const scalar_t* h, const acc_type<scalar_t>* P,
+                           const acc_type<scalar_t>* Q, const acc_type<scalar_t>* b, scalar_t* out,
+                           acc_type<scalar_t>* z, int64_t begin, int64_t end, int64_t d, int64_t r) {
+  forward_rows(h, P, Q, b, out, z, begin, end, d, r);
+}
+template <typename scalar_t>
+void backward_rows_portable(const scalar_t* grad_out, const scalar_t* h,
+                            const acc_type<scalar_t>* P, const acc_type<scalar_t>* Q,
+                            const acc_type<scalar_t>* z, scalar_t* grad_h,
+                            acc_type<scalar_t>* partial, int64_t begin, int64_t end, int64_t d,
+                            int64_t r) {
+  backward_rows(grad_out, h, P, Q, z, grad_h, partial, begin, end, d, r);
+}
+
+#if defined(__x86_64__)
+template <typename scalar_t>
+REFT_AVX2_FMA void forward_rows_avx2(const scalar_t* h, const acc_type<scalar_t>* P,
+                                     const acc_type<scalar_t>* Q, const acc_type<scalar_t>* b,
+                                     scalar_t* out, acc_type<scalar_t>* z, int64_t begin,
+                                     int64_t end, int64_t d, int64_t r) {
+  forward_rows(h, P, Q, b, out, z, begin, end, d, r);
+}
+template <typename scalar_t>
+REFT_AVX2_FMA void backward_rows_avx2(const scalar_t* grad_out, const scalar_t* h,
+                                      const acc_type<scalar_t>* P, const acc_type<scalar_t>* Q,
+                                      const acc_type<scalar_t>* z, scalar_t* grad_h,
+                                      acc_type<scalar_t>* partial, int64_t begin, int64_t end,
+                                      int64_t d, int64_t r) {
+  backward_rows(grad_out, h, P, Q, z, grad_h, partial, begin, end, d, r);
+}
+#endif
+
+// The best entry point this CPU runs: `kernel_variant(portable, avx2)`.
+template <typename Fn>
+Fn kernel_variant(Fn portable, [[maybe_unused]] Fn avx2) {
+#if defined(__x86_64__)
+  if (cpu_has_avx2_fma()) return avx2;
+#endif
+  return portable;
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
+                                                            const at::Tensor& P,
+                                                            const at::Tensor& Q,
+                                                            const at::Tensor& b) {
+  check_forward_args(h, P, Q, b);
+  const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
+  auto out = at::empty_like(h);
+  auto z = at::empty({N, r}, P.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_forward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+#if defined(__x86_64__)
+    const auto rows = kernel_variant(&forward_rows_portable<scalar_t>, &forward_rows_avx2<scalar_t>);
+#else
+    const auto rows = &forward_rows_portable<scalar_t>;
+#endif
+    const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    const acc_t* P_ptr = P.const_data_ptr<acc_t>();
+    const acc_t* Q_ptr = Q.const_data_ptr<acc_t>();
+    const acc_t* b_ptr = b.const_data_ptr<acc_t>();
+    acc_t* z_ptr = z.mutable_data_ptr<acc_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      rows(h_ptr, P_ptr, Q_ptr, b_ptr, out_ptr, z_ptr, begin, end, d, r);
+    });
+  });
+  return {out, z};
+}
+
+// Groups of rows_per_partial(N, r) rows each fill their own partial sums in parallel; the partials
+// are then added in group order, so the result does not depend on the thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
+    const at::Tensor& z) {
+  check_backward_args(grad_out, h, P, Q, z);
+  const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
+  const int64_t group_rows = rows_per_partial(N, r);
+  const int64_t groups = ceil_div(N, group_rows);
+  const int64_t partial_size = 2 * r * d + r;
+  auto grad_h = at::empty_like(h);
+  auto grad_P = at::empty_like(P);
+  auto grad_Q = at::empty_like(Q);
+  auto grad_b = at::empty({r}, P.options());
+  auto partials = at::zeros({groups, partial_size}, P.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+#if defined(__x86_64__)
+    const auto rows = kernel_variant(&backward_rows_portable<scalar_t>, &backward_rows_avx2<scalar_t>);
+#else
+    const auto rows = &backward_rows_portable<scalar_t>;
+#endif
+    const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
+    scalar_t* grad_h_ptr = grad_h.mutable_data_ptr<scalar_t>();
+    const acc_t* P_ptr = P.const_data_ptr<acc_t>();
+    const acc_t* Q_ptr = Q.const_data_ptr<acc_t>();
+    const acc_t* z_ptr = z.const_data_ptr<acc_t>();
+    acc_t* partial_ptr = partials.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
+      for (int64_t group = group_begin; group < group_end; ++group) {
+        rows(g_ptr, h_ptr, P_ptr, Q_ptr, z_ptr, grad_h_ptr, partial_ptr + group * partial_size,
+             group * group_rows, std::min(N, (group + 1) * group_rows), d, r);
+      }
+    });
+    acc_t* targets[3] = {grad_P.mutable_data_ptr<acc_t>(), grad_Q.mutable_data_ptr<acc_t>(),
+                         grad_b.mutable_data_ptr<acc_t>()};
+    at::parallel_for(0, partial_size, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t sum = 0;
+        for (int64_t group = 0; group < groups; ++group) sum += partial_ptr[group * partial_size + i];
+        const int64_t part = std::min<int64_t>(i / (r * d), 2);
+        targets[part][i - part * r * d] = sum;
+      }
+    });
+  });
+  return {grad_h, grad_P, grad_Q, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reft_ext, CPU, m) {
+  m.impl("lowrank_edit_forward", &lowrank_edit_forward_cpu);
+  m.impl("lowrank_edit_backward", &lowrank_edit_backward_cpu);
+}
+
+}  // namespace reft_ext

@@ -1,0 +1,62 @@
+// Argument checks shared by the CPU and CUDA implementations of the low-rank edit ops.
+// The Python wrappers give friendlier messages first; these guard direct torch.ops calls.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace reft_ext {
+
+inline c10::ScalarType accumulation_dtype(c10::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// h: (N, d) contiguous float64/float32/bfloat16/float16 (also used for grad_out).
+inline void check_rows(const at::Tensor& h, const char* name) {
+  TORCH_CHECK(h.dim() == 2, name, " must be 2-D (N, d), got ", h.dim(), "-D");
+  TORCH_CHECK(h.is_contiguous(), name, " must be contiguous");
+  const auto dtype = h.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              name, " must be float64, float32, bfloat16 or float16, got ", dtype);
+}
+
+// t: contiguous, of `sizes`, in h's accumulation dtype (float64 for float64 h, float32 otherwise),
+// on h's device.
+inline void check_param(const at::Tensor& t, const char* name, at::IntArrayRef sizes,
+                        const at::Tensor& h) {
+  TORCH_CHECK(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
+  const auto acc = accumulation_dtype(h.scalar_type());
+  TORCH_CHECK(t.scalar_type() == acc, name, " must be ", acc, " for ", h.scalar_type(),
+              " rows, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.device() == h.device(), name, " must be on ", h.device(), ", got ", t.device());
+}
+
+// P, Q: (r, d) with r >= 1 and d = h.size(1).
+inline void check_factors(const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q) {
+  check_rows(h, "h");
+  TORCH_CHECK(P.dim() == 2 && P.size(0) >= 1, "P must be 2-D (r, d) with r >= 1, got ", P.sizes());
+  check_param(P, "P", {P.size(0), h.size(1)}, h);
+  check_param(Q, "Q", P.sizes(), h);
+}
+
+inline void check_forward_args(const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
+                               const at::Tensor& b) {
+  check_factors(h, P, Q);
+  check_param(b, "b", {P.size(0)}, h);
+}
+
+// grad_out like h; z (N, r) in the accumulation dtype.
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& h,
+                                const at::Tensor& P, const at::Tensor& Q, const at::Tensor& z) {
+  check_factors(h, P, Q);
+  check_rows(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == h.sizes() && grad_out.scalar_type() == h.scalar_type() &&
+                  grad_out.device() == h.device(),
+              "grad_out must match h (", h.scalar_type(), " ", h.sizes(), " on ", h.device(),
+              "), got ", grad_out.scalar_type(), " ", grad_out.sizes(), " on ", grad_out.device());
+  check_param(z, "z", {h.size(0), P.size(0)}, h);
+}
+
+}  // namespace reft_ext

@@ -1,0 +1,97 @@
+"""Public fused ops on hidden states of any leading shape.
+
+Shapes: h (..., d); R, W, P, Q (r, d); b (r,). h is float64, float32, bfloat16 or float16; each
+parameter has h's dtype or float32. Accumulation is float32 (float64 for float64 h), the output has
+h's shape and dtype, and each gradient has its input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import LowRankEditFunction
+
+_ROW_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(op: str, h: torch.Tensor, factors: dict[str, torch.Tensor], b: torch.Tensor) -> None:
+    """Raise TypeError/ValueError naming the argument when the inputs of ``op`` do not fit."""
+    for name, t in {"h": h, **factors, "b": b}.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if h.dtype not in _ROW_DTYPES:
+        raise ValueError(f"{op}: h must be float64, float32, bfloat16 or float16, got {h.dtype}")
+    if h.dim() < 1:
+        raise ValueError(f"{op}: h must have shape (..., d), got a 0-d tensor")
+    d = h.shape[-1]
+    rank = next(iter(factors.values())).shape[0] if next(iter(factors.values())).dim() == 2 else None
+    for name, t in {**factors, "b": b}.items():
+        expected = (rank, d) if name != "b" else (rank,)
+        if rank is None or rank < 1 or tuple(t.shape) != expected:
+            shown = "(r, d)" if name != "b" else "(r,)"
+            raise ValueError(
+                f"{op}: {name} must have shape {shown} = {expected if rank else shown} with r >= 1 "
+                f"and d = h.shape[-1] = {d}, got {tuple(t.shape)}"
+            )
+        if t.dtype not in (h.dtype, torch.float32):
+            raise ValueError(
+                f"{op}: {name} must have h's dtype ({h.dtype}) or torch.float32, got {t.dtype}"
+            )
+        if t.device != h.device:
+            raise ValueError(f"{op}: {name} must be on h's device ({h.device}), got {t.device}")
+
+
+def _edit(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Run the fused op on h viewed as rows; P, Q, b already validated."""
+    acc = _accumulation_dtype(h.dtype)
+    rows = h.reshape(-1, h.shape[-1]).contiguous()
+    out, _ = LowRankEditFunction.apply(
+        rows, P.to(acc).contiguous(), Q.to(acc).contiguous(), b.to(acc).contiguous()
+    )
+    return out.view(h.shape)
+
+
+def lowrank_edit(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Low-rank edit ``h + (h Pᵀ + b) Q``, fused: one pass over h forward, three backward.
+
+    Args:
+        h: hidden states (..., d), any strides; float64, float32, bfloat16 or float16.
+        P: (r, d) projection, h's dtype or float32.
+        Q: (r, d) back-projection, h's dtype or float32.
+        b: (r,) bias, h's dtype or float32.
+
+    Returns:
+        Tensor of h's shape and dtype. Differentiable in every input.
+    """
+    _check_inputs("lowrank_edit", h, {"P": P, "Q": Q}, b)
+    return _edit(h, P, Q, b)
+
+
+def loreft(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LoReFT edit ``h + Rᵀ(W h + b − R h)`` on rows: ``h + (h Wᵀ + b − h Rᵀ) R``.
+
+    Args:
+        h: hidden states (..., d); float64, float32, bfloat16 or float16.
+        R: (r, d) subspace, orthonormal rows expected (not enforced here); h's dtype or float32.
+        W: (r, d) learned source weight; h's dtype or float32.
+        b: (r,) learned source bias; h's dtype or float32.
+
+    Returns:
+        Tensor of h's shape and dtype. Gradients: ∂W = ∂P, ∂R = ∂Q − ∂P for P = W − R, Q = R.
+    """
+    _check_inputs("loreft", h, {"R": R, "W": W}, b)
+    acc = _accumulation_dtype(h.dtype)
+    return _edit(h, W.to(acc) - R.to(acc), R, b)
+
+
+def direft(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """DiReFT edit ``h + (h Wᵀ + b) R`` (LoReFT without the −R h term and without orthogonality).
+
+    Args and returns as for :func:`loreft`.
+    """
+    _check_inputs("direft", h, {"R": R, "W": W}, b)
+    return _edit(h, W, R, b)
