@@ -76,8 +76,10 @@ def _extension():
         return CppExtension("reft_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not _gpu_visible():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
-    print(f"reft_ext: building CPU and CUDA ops (CUDA_HOME={_cuda_home}, "
-          f"archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')})")
+    print(
+        f"reft_ext: building CPU and CUDA ops (CUDA_HOME={_cuda_home}, "
+        f"archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')})"
+    )
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
     nvcc_flags = ["-O3", "-lineinfo"]
     return CUDAExtension(

@@ -3,8 +3,8 @@
 // Both back-ends walk a row of width d in "strips" of V consecutive elements and build every
 // quantity of the forward and backward pass from three strip primitives:
 //   dot_lanes   lane[v] += x[v] * w[v]         (projections z = P x, gz = Q g)
-//   axpy_lanes  y[v]    += a * w[v]            (edits x + zᵀQ, g + gzᵀP, and ∂P += gz hᵀ, ∂Q += z gᵀ)
-//   sum_lanes   fixed-order pairwise sum of V lanes
+//   axpy_lanes  y[v]    += a * w[v]            (edits x + zᵀQ, g + gzᵀP, and ∂P += gz hᵀ, ∂Q += z
+//   gᵀ) sum_lanes   fixed-order pairwise sum of V lanes
 // V is a compile-time constant, so the CPU compiler vectorizes the lane loops and the CUDA compiler
 // keeps the lanes in registers. Every sum runs in a fixed order: results are deterministic.
 #pragma once
@@ -13,8 +13,10 @@
 
 #if defined(__CUDACC__)
 #define REFT_HD __host__ __device__ __forceinline__
+#define REFT_UNROLL _Pragma("unroll")
 #else
 #define REFT_HD inline
+#define REFT_UNROLL _Pragma("GCC unroll 16")
 #endif
 
 namespace reft_ext {
@@ -34,22 +36,22 @@ using acc_type = typename AccType<scalar_t>::type;
 template <int V, typename acc_t>
 REFT_HD void dot_lanes(acc_t* __restrict__ lane, const acc_t* __restrict__ x,
                        const acc_t* __restrict__ w) {
-#pragma unroll
+  REFT_UNROLL
   for (int v = 0; v < V; ++v) lane[v] += x[v] * w[v];
 }
 
 template <int V, typename acc_t>
 REFT_HD void axpy_lanes(acc_t* __restrict__ y, acc_t a, const acc_t* __restrict__ w) {
-#pragma unroll
+  REFT_UNROLL
   for (int v = 0; v < V; ++v) y[v] += a * w[v];
 }
 
 // Pairwise tree over the lanes (V a power of two), in place: the same order on every call.
 template <int V, typename acc_t>
 REFT_HD acc_t sum_lanes(acc_t* lane) {
-#pragma unroll
+  REFT_UNROLL
   for (int width = V / 2; width > 0; width /= 2) {
-#pragma unroll
+    REFT_UNROLL
     for (int v = 0; v < width; ++v) lane[v] += lane[v + width];
   }
   return lane[0];
@@ -57,24 +59,24 @@ REFT_HD acc_t sum_lanes(acc_t* lane) {
 
 template <int V, typename scalar_t, typename acc_t>
 REFT_HD void load_strip(acc_t* __restrict__ x, const scalar_t* __restrict__ src) {
-#pragma unroll
+  REFT_UNROLL
   for (int v = 0; v < V; ++v) x[v] = static_cast<acc_t>(src[v]);
 }
 
 template <int V, typename scalar_t, typename acc_t>
 REFT_HD void store_strip(scalar_t* __restrict__ dst, const acc_t* __restrict__ x) {
-#pragma unroll
+  REFT_UNROLL
   for (int v = 0; v < V; ++v) dst[v] = static_cast<scalar_t>(x[v]);
 }
 
 REFT_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Parameter gradients ∂P = gzᵀ h and ∂Q = zᵀ g reduce over the N rows in two deterministic stages:
-// each group of `rows_per_partial` rows writes an fp32 (fp64) partial of size r×d, then the partials
-// are summed in group order. The group size depends only on the shape, never on the thread count or
-// the device, so results repeat bit for bit. A group of at least 32·r rows keeps the partial traffic
-// (r·d accumulators per group) a small fraction of the group's own rows; at most 256 groups bound the
-// partial buffer by 256·2·r·d elements.
+// each group of `rows_per_partial` rows writes an fp32 (fp64) partial of size r×d, then the
+// partials are summed in group order. The group size depends only on the shape, never on the thread
+// count or the device, so results repeat bit for bit. A group of at least 32·r rows keeps the
+// partial traffic (r·d accumulators per group) a small fraction of the group's own rows; at most
+// 256 groups bound the partial buffer by 256·2·r·d elements.
 REFT_HD int64_t rows_per_partial(int64_t n_rows, int64_t rank) {
   constexpr int64_t kMinRows = 128;
   constexpr int64_t kMaxPartials = 256;

@@ -16,9 +16,9 @@ inline void check_rows(const at::Tensor& h, const char* name) {
   TORCH_CHECK(h.dim() == 2, name, " must be 2-D (N, d), got ", h.dim(), "-D");
   TORCH_CHECK(h.is_contiguous(), name, " must be contiguous");
   const auto dtype = h.scalar_type();
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 ||
-                  dtype == at::kHalf,
-              name, " must be float64, float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(
+      dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+      name, " must be float64, float32, bfloat16 or float16, got ", dtype);
 }
 
 // t: contiguous, of `sizes`, in h's accumulation dtype (float64 for float64 h, float32 otherwise),

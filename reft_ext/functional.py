@@ -18,7 +18,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_inputs(op: str, h: torch.Tensor, factors: dict[str, torch.Tensor], b: torch.Tensor) -> None:
+def _check_inputs(
+    op: str, h: torch.Tensor, factors: dict[str, torch.Tensor], b: torch.Tensor
+) -> None:
     """Raise TypeError/ValueError naming the argument when the inputs of ``op`` do not fit."""
     for name, t in {"h": h, **factors, "b": b}.items():
         if not isinstance(t, torch.Tensor):
@@ -28,7 +30,8 @@ def _check_inputs(op: str, h: torch.Tensor, factors: dict[str, torch.Tensor], b:
     if h.dim() < 1:
         raise ValueError(f"{op}: h must have shape (..., d), got a 0-d tensor")
     d = h.shape[-1]
-    rank = next(iter(factors.values())).shape[0] if next(iter(factors.values())).dim() == 2 else None
+    first = next(iter(factors.values()))
+    rank = first.shape[0] if first.dim() == 2 else None
     for name, t in {**factors, "b": b}.items():
         expected = (rank, d) if name != "b" else (rank,)
         if rank is None or rank < 1 or tuple(t.shape) != expected:
@@ -55,7 +58,9 @@ def _edit(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) ->
     return out.view(h.shape)
 
 
-def lowrank_edit(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def lowrank_edit(
+    h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
     """Low-rank edit ``h + (h Pᵀ + b) Q``, fused: one pass over h forward, three backward.
 
     Args:

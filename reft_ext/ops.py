@@ -1,22 +1,23 @@
 """The compiled ops (``torch.ops.reft_ext.*``): fake kernels for tracing and the autograd Function.
 
 Raw ops (all tensors contiguous; acc = float64 for float64 rows, float32 otherwise):
-    lowrank_edit_forward(h (N, d), P (r, d) acc, Q (r, d) acc, b (r,) acc) -> (out (N, d), z (N, r) acc)
-    lowrank_edit_backward(grad_out (N, d), h, P, Q, z) -> (grad_h (N, d), grad_P, grad_Q, grad_b)
+    lowrank_edit_forward(h (N, d), P (r, d) acc, Q (r, d) acc, b (r,) acc)
+        -> (out (N, d), z (N, r) acc)
+    lowrank_edit_backward(grad_out (N, d), h, P, Q, z)
+        -> (grad_h (N, d), grad_P, grad_Q, grad_b)
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _C  # noqa: F401  (importing the library registers its ops with the dispatcher)
 
 
 def cuda_available() -> bool:
     """True when this build of reft_ext contains the CUDA kernels (a GPU need not be present)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "reft_ext::lowrank_edit_forward", "CUDA"
-    )
+    return torch._C._dispatch_has_kernel_for_dispatch_key("reft_ext::lowrank_edit_forward", "CUDA")
 
 
 @torch.library.register_fake("reft_ext::lowrank_edit_forward")
@@ -48,6 +49,7 @@ class LowRankEditFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(z)
 
     @staticmethod
+    @once_differentiable  # the backward op has no derivative of its own: refuse double backward
     def backward(ctx, grad_out, _grad_z):
         h, P, Q, z = ctx.saved_tensors
         return torch.ops.reft_ext.lowrank_edit_backward(grad_out.contiguous(), h, P, Q, z)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def lowrank_edit(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def lowrank_edit(
+    h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
     """``h + (h Pᵀ + b) Q`` as three matmul-level ops in h's dtype."""
     P, Q, b = (t.to(h.dtype) for t in (P, Q, b))
     return h + (h @ P.T + b) @ Q

@@ -16,8 +16,8 @@ namespace {
 
 constexpr int kLanes = 16;
 
-// The row loops are force-inlined into per-ISA entry points (see kernel_variant below), so each entry
-// point compiles all of the row math for its own instruction set.
+// The row loops are force-inlined into per-ISA entry points (see kernel_variant below), so each
+// entry point compiles all of the row math for its own instruction set.
 #define REFT_ROW_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__)
@@ -116,9 +116,11 @@ struct RowScratch {
       : rows(kConvert ? n_rows * d : 0), projections(kRowBlock * r) {}
   // Pointers to rows [n, n + M) of src (stride d), converted into slot `slot` when needed.
   template <int M>
-  REFT_ROW_INLINE void view(const scalar_t* src, int64_t n, int64_t d, int slot, const acc_t** out) {
+  REFT_ROW_INLINE void view(const scalar_t* src, int64_t n, int64_t d, int slot,
+                            const acc_t** out) {
     for (int i = 0; i < M; ++i) {
-      out[i] = row_as_acc(src + (n + i) * d, d, kConvert ? rows.data() + (slot * M + i) * d : nullptr);
+      out[i] =
+          row_as_acc(src + (n + i) * d, d, kConvert ? rows.data() + (slot * M + i) * d : nullptr);
     }
   }
 };
@@ -183,9 +185,8 @@ REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch, const 
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 REFT_ROW_INLINE void backward_rows(const scalar_t* grad_out, const scalar_t* h, const acc_t* P,
-                                   const acc_t* Q, const acc_t* z, scalar_t* grad_h,
-                                   acc_t* partial, int64_t begin, int64_t end, int64_t d,
-                                   int64_t r) {
+                                   const acc_t* Q, const acc_t* z, scalar_t* grad_h, acc_t* partial,
+                                   int64_t begin, int64_t end, int64_t d, int64_t r) {
   RowScratch<scalar_t, acc_t> scratch(2 * kRowBlock, d, r);
   int64_t n = begin;
   for (; n + kRowBlock <= end; n += kRowBlock) {
@@ -198,7 +199,8 @@ REFT_ROW_INLINE void backward_rows(const scalar_t* grad_out, const scalar_t* h, 
 template <typename scalar_t>
 void forward_rows_portable(const scalar_t* h, const acc_type<scalar_t>* P,
                            const acc_type<scalar_t>* Q, const acc_type<scalar_t>* b, scalar_t* out,
-                           acc_type<scalar_t>* z, int64_t begin, int64_t end, int64_t d, int64_t r) {
+                           acc_type<scalar_t>* z, int64_t begin, int64_t end, int64_t d,
+                           int64_t r) {
   forward_rows(h, P, Q, b, out, z, begin, end, d, r);
 }
 template <typename scalar_t>
@@ -245,24 +247,26 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
   const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
   auto out = at::empty_like(h);
   auto z = at::empty({N, r}, P.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_forward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_forward_cpu", [&] {
+        using acc_t = acc_type<scalar_t>;
 #if defined(__x86_64__)
-    const auto rows = kernel_variant(&forward_rows_portable<scalar_t>, &forward_rows_avx2<scalar_t>);
+        const auto rows =
+            kernel_variant(&forward_rows_portable<scalar_t>, &forward_rows_avx2<scalar_t>);
 #else
     const auto rows = &forward_rows_portable<scalar_t>;
 #endif
-    const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
-    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    const acc_t* P_ptr = P.const_data_ptr<acc_t>();
-    const acc_t* Q_ptr = Q.const_data_ptr<acc_t>();
-    const acc_t* b_ptr = b.const_data_ptr<acc_t>();
-    acc_t* z_ptr = z.mutable_data_ptr<acc_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      rows(h_ptr, P_ptr, Q_ptr, b_ptr, out_ptr, z_ptr, begin, end, d, r);
-    });
-  });
+        const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
+        scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+        const acc_t* P_ptr = P.const_data_ptr<acc_t>();
+        const acc_t* Q_ptr = Q.const_data_ptr<acc_t>();
+        const acc_t* b_ptr = b.const_data_ptr<acc_t>();
+        acc_t* z_ptr = z.mutable_data_ptr<acc_t>();
+        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+        at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+          rows(h_ptr, P_ptr, Q_ptr, b_ptr, out_ptr, z_ptr, begin, end, d, r);
+        });
+      });
   return {out, z};
 }
 
@@ -281,37 +285,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
   auto grad_Q = at::empty_like(Q);
   auto grad_b = at::empty({r}, P.options());
   auto partials = at::zeros({groups, partial_size}, P.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
+        using acc_t = acc_type<scalar_t>;
 #if defined(__x86_64__)
-    const auto rows = kernel_variant(&backward_rows_portable<scalar_t>, &backward_rows_avx2<scalar_t>);
+        const auto rows =
+            kernel_variant(&backward_rows_portable<scalar_t>, &backward_rows_avx2<scalar_t>);
 #else
     const auto rows = &backward_rows_portable<scalar_t>;
 #endif
-    const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
-    scalar_t* grad_h_ptr = grad_h.mutable_data_ptr<scalar_t>();
-    const acc_t* P_ptr = P.const_data_ptr<acc_t>();
-    const acc_t* Q_ptr = Q.const_data_ptr<acc_t>();
-    const acc_t* z_ptr = z.const_data_ptr<acc_t>();
-    acc_t* partial_ptr = partials.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
-      for (int64_t group = group_begin; group < group_end; ++group) {
-        rows(g_ptr, h_ptr, P_ptr, Q_ptr, z_ptr, grad_h_ptr, partial_ptr + group * partial_size,
-             group * group_rows, std::min(N, (group + 1) * group_rows), d, r);
-      }
-    });
-    acc_t* targets[3] = {grad_P.mutable_data_ptr<acc_t>(), grad_Q.mutable_data_ptr<acc_t>(),
-                         grad_b.mutable_data_ptr<acc_t>()};
-    at::parallel_for(0, partial_size, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t sum = 0;
-        for (int64_t group = 0; group < groups; ++group) sum += partial_ptr[group * partial_size + i];
-        const int64_t part = std::min<int64_t>(i / (r * d), 2);
-        targets[part][i - part * r * d] = sum;
-      }
-    });
-  });
+        const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
+        const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
+        scalar_t* grad_h_ptr = grad_h.mutable_data_ptr<scalar_t>();
+        const acc_t* P_ptr = P.const_data_ptr<acc_t>();
+        const acc_t* Q_ptr = Q.const_data_ptr<acc_t>();
+        const acc_t* z_ptr = z.const_data_ptr<acc_t>();
+        acc_t* partial_ptr = partials.mutable_data_ptr<acc_t>();
+        at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
+          for (int64_t group = group_begin; group < group_end; ++group) {
+            rows(g_ptr, h_ptr, P_ptr, Q_ptr, z_ptr, grad_h_ptr, partial_ptr + group * partial_size,
+                 group * group_rows, std::min(N, (group + 1) * group_rows), d, r);
+          }
+        });
+        acc_t* targets[3] = {grad_P.mutable_data_ptr<acc_t>(), grad_Q.mutable_data_ptr<acc_t>(),
+                             grad_b.mutable_data_ptr<acc_t>()};
+        at::parallel_for(0, partial_size, 4096, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            acc_t sum = 0;
+            for (int64_t group = 0; group < groups; ++group)
+              sum += partial_ptr[group * partial_size + i];
+            const int64_t part = std::min<int64_t>(i / (r * d), 2);
+            targets[part][i - part * r * d] = sum;
+          }
+        });
+      });
   return {grad_h, grad_P, grad_Q, grad_b};
 }
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU check, for a machine with a CUDA GPU and torch installed, in well under 8 minutes:
+# build, CUDA tests, compute-sanitizer memcheck on a small forward+backward, GPU benchmark.
+# Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else ./gpu-check)
+set -uo pipefail
+out="${1:-${OUT:-gpu-check}}"
+mkdir -p "$out"
+log="$out/gpu_check.log"
+exec > >(tee -a "$log") 2>&1
+status=0
+step() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
+
+step "device"
+nvidia-smi -L; python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+step "build (native arch of the visible GPU)"
+MAX_JOBS=${MAX_JOBS:-8} pip install --no-build-isolation -e . -q || exit 1
+
+step "tests (CUDA cases included)"
+REFT_EXT_EXPECT_CUDA=1 python -m pytest tests -q -x --junitxml="$out/tests.xml" || status=1
+
+step "compute-sanitizer memcheck, small forward+backward"
+cat > "$out/sanitize_case.py" <<'PY'
+import torch, reft_ext
+for dtype in (torch.float32, torch.bfloat16):
+    for N, d, r in ((37, 100, 3), (64, 256, 8), (5, 1000, 1)):
+        h = torch.randn(N, d, device="cuda", dtype=dtype, requires_grad=True)
+        R, W = (torch.randn(r, d, device="cuda", requires_grad=True) for _ in range(2))
+        b = torch.randn(r, device="cuda", requires_grad=True)
+        reft_ext.loreft(h, R, W, b).sum().backward()
+torch.cuda.synchronize()
+print("sanitizer case done")
+PY
+compute-sanitizer --tool memcheck --error-exitcode 1 python "$out/sanitize_case.py" || status=1
+
+step "benchmark"
+python -m reft_ext.bench --out "$out/bench" || status=1
+
+step "done, status $status"
+exit $status

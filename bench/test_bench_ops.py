@@ -1,0 +1,36 @@
+"""pytest-benchmark view of the op cases: ``pytest bench/ --benchmark-only``.
+
+Same cases and providers as ``python -m reft_ext.bench`` (reft_ext.bench.cases); groups are one
+case each, so pytest-benchmark's table compares fused, naive and copy side by side.
+"""
+
+import pytest
+import torch
+
+from reft_ext.bench.cases import input_sets_for, make_inputs, op_cases, provider_call
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASES = op_cases(quick=False)
+
+
+@pytest.mark.parametrize("provider", ["fused", "naive", "copy"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_loreft(benchmark, case, provider):
+    if provider == "copy" and case.mode != "forward":
+        pytest.skip("the copy_ roofline is reported with the forward cases")
+    inputs = make_inputs(case, DEVICE, input_sets_for(case))
+    call = provider_call(case, provider, inputs)
+    benchmark.group = case.name
+    benchmark.extra_info.update(case.as_dict())
+    benchmark.extra_info["device"] = str(DEVICE)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    if DEVICE.type == "cuda":
+        benchmark.extra_info["gpu"] = torch.cuda.get_device_name(DEVICE)
+
+        def synchronized():
+            call()
+            torch.cuda.synchronize(DEVICE)
+
+        benchmark(synchronized)
+    else:
+        benchmark(call)

@@ -1,0 +1,130 @@
+"""``python -m reft_ext.bench`` / ``reft-bench``: fused vs naive LoReFT on this device, as a table.
+
+Writes ``results.json`` (machine info and every timing) and ``table.md`` into ``--out``
+(default ``./reft-bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from .cases import OpCase, input_sets_for, make_inputs, op_cases, provider_call
+from .timing import time_interleaved
+
+# glibc returns large freed blocks to the OS, so every fresh N×d tensor page-faults again (tens of
+# ms per 64 MiB here), which would swamp the kernels being compared. Keeping freed memory in the
+# process, as PyTorch's CUDA caching allocator does on GPU, measures the ops themselves; it helps
+# the naive provider most, since it allocates the most.
+MALLOC_SETTINGS = {
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 34),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+    "MALLOC_TOP_PAD_": str(1 << 30),
+}
+
+
+def _reexec_with_malloc_settings() -> None:
+    if platform.system() != "Linux" or all(os.environ.get(k) for k in MALLOC_SETTINGS):
+        return
+    env = {**os.environ, **MALLOC_SETTINGS}
+    os.execve(sys.executable, [sys.executable, "-m", "reft_ext.bench", *sys.argv[1:]], env)
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU model, threads, torch/CUDA versions, GPU name and the date of the run."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "malloc_settings": {k: os.environ.get(k) for k in MALLOC_SETTINGS},
+    }
+
+
+def run_case(case: OpCase, device: torch.device, repeats: int) -> dict:
+    """Time fused, naive and (forward cases) copy_ interleaved; return the row of the table."""
+    inputs = make_inputs(case, device, input_sets_for(case))
+    providers = {p: provider_call(case, p, inputs) for p in ("fused", "naive", "copy")}
+    timings = time_interleaved(providers, device, repeats=repeats)
+    del inputs
+    row = case.as_dict() | {name: vars(t) for name, t in timings.items()}
+    row["speedup_vs_naive"] = timings["naive"].median / timings["fused"].median
+    row["fused_over_copy"] = timings["fused"].median / timings["copy"].median
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| mode | N | d | r | dtype | fused ms | naive ms | copy ms | naive/fused | fused/copy |"
+    lines = [head, "|" + "---|" * 10]
+    ms = lambda t: f"{t['median'] * 1e3:.3f}"  # noqa: E731
+    for row in rows:
+        lines.append(
+            f"| {row['mode']} | {row['N']} | {row['d']} | {row['r']} | {row['dtype']} | "
+            f"{ms(row['fused'])} | {ms(row['naive'])} | {ms(row['copy'])} | "
+            f"{row['speedup_vs_naive']:.2f}x | {row['fused_over_copy']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reft-bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="headline shapes only (~1 min on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (default 1; 0 keeps torch's default)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="samples per provider")
+    parser.add_argument("--out", type=Path, default=Path("reft-bench"), help="output folder")
+    args = parser.parse_args(argv)
+    if argv is None:
+        _reexec_with_malloc_settings()
+
+    device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    repeats = args.repeats or (11 if args.quick else 21)
+    info = machine_info(device)
+    print(
+        f"reft_ext benchmark on {info['gpu'] or info['cpu']} ({info['threads']} threads), "
+        f"torch {info['torch']}",
+        flush=True,
+    )
+    rows = []
+    for case in op_cases(args.quick):
+        rows.append(run_case(case, device, repeats))
+        r = rows[-1]
+        print(
+            f"  {case.name}: fused {r['fused']['median'] * 1e3:.3f} ms, "
+            f"naive {r['naive']['median'] * 1e3:.3f} ms ({r['speedup_vs_naive']:.2f}x)",
+            flush=True,
+        )
+    table = format_table(rows)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"machine": info, "ops": rows}, indent=2))
+    (args.out / "table.md").write_text(table + "\n")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

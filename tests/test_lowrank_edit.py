@@ -1,0 +1,549 @@
+"""Tests of the fused low-rank edits against independent float64 references.
+
+The float64 truth below is written here with einsum (not taken from reft_ext), and its gradients
+come from autograd of that composite. ``reft_ext.reference`` is used only as the low-precision
+yardstick.
+"""
+
+import pytest
+import torch
+
+import reft_ext
+from reft_ext import reference
+
+# --------------------------------------------------------------------------------------------------
+# Independent float64 truth
+
+
+def _project(h, A):
+    return torch.einsum("...d,rd->...r", h, A)
+
+
+def _expand(z, B):
+    return torch.einsum("...r,rd->...d", z, B)
+
+
+def truth_lowrank_edit(h, P, Q, b):
+    return h + _expand(_project(h, P) + b, Q)
+
+
+def truth_loreft(h, R, W, b):
+    return h + _expand(_project(h, W) + b - _project(h, R), R)
+
+
+def truth_direft(h, R, W, b):
+    return h + _expand(_project(h, W) + b, R)
+
+
+OPS = {
+    "lowrank_edit": (reft_ext.lowrank_edit, truth_lowrank_edit, reference.lowrank_edit, ("P", "Q")),
+    "loreft": (reft_ext.loreft, truth_loreft, reference.loreft, ("R", "W")),
+    "direft": (reft_ext.direft, truth_direft, reference.direft, ("R", "W")),
+}
+OP_NAMES = list(OPS)
+
+# Relative tolerance (to the largest magnitude of the expected tensor) by result dtype.
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def _identity(x):
+    return x
+
+
+def fused_and_truth(op, leaves, view=_identity, grad_out=None):
+    """Output and gradients of every leaf, fused and in float64 truth.
+
+    ``leaves`` = (h_base, A, B, b); the op sees ``view(h_base)``. ``grad_out`` defaults to a random
+    tensor like the output. Returns ((out, grads), (out64, grads64), grad_out).
+    """
+    fused, truth = OPS[op][0], OPS[op][1]
+    out = fused(view(leaves[0]), *leaves[1:])
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out64 = truth(view(leaves64[0]), *leaves64[1:])
+    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    return (out, grads), (out64.detach(), grads64), grad_out
+
+
+def assert_close_rel(actual, expected, rel=None):
+    """``actual`` matches float64 ``expected`` within ``rel`` of expected's largest magnitude."""
+    rel = REL_TOL[actual.dtype] if rel is None else rel
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.double(), expected, rtol=rel, atol=rel * max(scale, 1e-300))
+
+
+def check_against_truth(op, leaves, view=_identity, grad_out=None):
+    """Values, dtypes and all gradients of ``op`` on ``leaves`` match the float64 truth."""
+    (out, grads), (out64, grads64), _ = fused_and_truth(op, leaves, view, grad_out)
+    h = view(leaves[0])
+    assert out.shape == h.shape and out.dtype == h.dtype and out.device == h.device
+    assert_close_rel(out, out64)
+    for leaf, g, g64 in zip(leaves, grads, grads64, strict=True):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        assert_close_rel(g, g64)
+
+
+def max_abs_err(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Values and gradients
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize(
+    "dtype, param_dtype",
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float32),
+        (torch.float64, (torch.float32, torch.float64, torch.float32)),
+    ],
+    ids=["fp64", "fp32", "fp64-h-fp32-params", "fp64-h-mixed-params"],
+)
+def test_matches_float64_truth(device, op, dtype, param_dtype, make_inputs):
+    """Output and the gradients of h and every parameter match the float64 composite."""
+    leaves = make_inputs((3, 5, 40), 4, dtype, param_dtype, device)
+    check_against_truth(op, leaves)
+
+
+def test_reference_module_matches_truth(make_inputs):
+    """reft_ext.reference in float64 agrees with the independent truth (it is the yardstick)."""
+    h, A, B, b = make_inputs((4, 6, 19), 3, torch.float64, requires_grad=False)
+    for _, truth, ref, _ in OPS.values():
+        assert_close_rel(ref(h, A, B, b), truth(h, A, B, b))
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_gradcheck(device, op, make_inputs):
+    """torch.autograd.gradcheck in float64 for every input of the public function."""
+    inputs = make_inputs((2, 3, 7), 3, torch.float64, device=device)
+    assert torch.autograd.gradcheck(OPS[op][0], inputs)
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_gradcheck_non_contiguous(device, op, make_inputs):
+    """gradcheck with a transposed (non-contiguous) h."""
+    h, A, B, b = make_inputs((7, 3), 2, torch.float64, device=device)
+    h_t = h.detach().T.contiguous().T.requires_grad_()  # (7, 3) with strides (1, 7)
+    assert not h_t.is_contiguous()
+    assert torch.autograd.gradcheck(OPS[op][0], (h_t, A, B, b))
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw ops
+
+
+RAW_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+
+
+def _raw_inputs(dtype, acc, device, N=5, d=13, r=3):
+    h = torch.randn(N, d, device=device, dtype=torch.float64).to(dtype)
+    P = torch.randn(r, d, device=device, dtype=acc)
+    Q = torch.randn(r, d, device=device, dtype=acc)
+    b = torch.randn(r, device=device, dtype=acc)
+    return h, P, Q, b
+
+
+@pytest.mark.parametrize("dtype, acc", RAW_DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
+def test_opcheck_forward(device, dtype, acc):
+    """torch.library.opcheck on lowrank_edit_forward (schema, fake kernel, AOT dispatch)."""
+    torch.library.opcheck(
+        torch.ops.reft_ext.lowrank_edit_forward.default, _raw_inputs(dtype, acc, device)
+    )
+
+
+@pytest.mark.parametrize("dtype, acc", RAW_DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
+def test_opcheck_backward(device, dtype, acc):
+    """torch.library.opcheck on lowrank_edit_backward."""
+    h, P, Q, b = _raw_inputs(dtype, acc, device)
+    _, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
+    grad_out = torch.randn_like(h)
+    torch.library.opcheck(torch.ops.reft_ext.lowrank_edit_backward.default, (grad_out, h, P, Q, z))
+
+
+def test_raw_ops_match_truth(device):
+    """The raw forward returns (h + z Q, z = h Pᵀ + b); the raw backward returns the four grads."""
+    h, P, Q, b = _raw_inputs(torch.float64, torch.float64, device, N=9, d=21, r=4)
+    out, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
+    assert_close_rel(z, h @ P.T + b)
+    assert_close_rel(out, truth_lowrank_edit(h, P, Q, b))
+    g = torch.randn_like(h)
+    grads = torch.ops.reft_ext.lowrank_edit_backward(g, h, P, Q, z)
+    leaves = [t.clone().requires_grad_() for t in (h, P, Q, b)]
+    expected = torch.autograd.grad(truth_lowrank_edit(*leaves), leaves, g)
+    for got, want in zip(grads, expected, strict=True):
+        assert_close_rel(got, want)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compile_fullgraph_matches_eager(device, make_inputs):
+    """loreft inside torch.compile(fullgraph=True) (default backend): same values and grads."""
+
+    def step(h, R, W, b):
+        out = reft_ext.loreft(torch.tanh(h), R, W, b)
+        return (out * out).sum(-1).sqrt().mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    leaves = make_inputs((4, 6, 32), 3, torch.float32, device=device)
+    eager_loss = step(*leaves)
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for g, ge in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, ge, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Low precision
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("params", ["fp32", "h-dtype"])
+def test_low_precision_no_worse_than_naive(device, op, dtype, params, make_inputs):
+    """bf16/fp16 h: fused error (vs float64) of out and grad_h is ≤ 2× the naive composite's."""
+    param_dtype = torch.float32 if params == "fp32" else dtype
+    leaves = make_inputs((6, 50, 100), 8, dtype, param_dtype, device)
+    (out, grads), (out64, grads64), grad_out = fused_and_truth(op, leaves)
+    naive = OPS[op][2](*leaves)
+    (naive_grad_h,) = torch.autograd.grad(naive, leaves[0], grad_out)
+    assert out.dtype == dtype and grads[0].dtype == dtype
+    slack = 1e-6
+    assert max_abs_err(out, out64) <= 2 * max_abs_err(naive, out64) + slack
+    assert max_abs_err(grads[0], grads64[0]) <= 2 * max_abs_err(naive_grad_h, grads64[0]) + slack
+
+
+@pytest.mark.parametrize(
+    "dtype, param_dtype",
+    [
+        (torch.bfloat16, (torch.float32,) * 3),
+        (torch.bfloat16, (torch.bfloat16,) * 3),
+        (torch.bfloat16, (torch.float32, torch.bfloat16, torch.float32)),
+        (torch.float16, (torch.float16, torch.float32, torch.float16)),
+        (torch.float32, (torch.float32,) * 3),
+        (torch.float64, (torch.float32, torch.float64, torch.float32)),
+    ],
+    ids=["bf16-fp32", "bf16-bf16", "bf16-mixed", "fp16-mixed", "fp32-fp32", "fp64-mixed"],
+)
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_gradient_dtypes(device, op, dtype, param_dtype, make_inputs):
+    """Output has h's dtype; each gradient has its own input's dtype and shape."""
+    leaves = make_inputs((3, 4, 24), 2, dtype, param_dtype, device)
+    out = OPS[op][0](*leaves)
+    assert out.dtype == dtype and out.shape == leaves[0].shape
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    for leaf, g in zip(leaves, grads, strict=True):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape and g.device == leaf.device
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Layouts and shapes
+
+D = 24
+LAYOUTS = {
+    "1d": ((D,), _identity),
+    "3d": ((3, 4, D), _identity),
+    "4d": ((2, 3, 4, D), _identity),
+    "transposed-leading": ((7, 5, D), lambda x: x.transpose(0, 1)),
+    "transposed-last": ((D, 9), lambda x: x.T),
+    "permuted-4d": ((2, 3, 4, D), lambda x: x.permute(2, 0, 1, 3)),
+    "sliced-rows": ((12, D), lambda x: x[::3]),
+    "sliced-cols": ((6, D + 5), lambda x: x[:, 2 : 2 + D]),
+    "broadcast-rows": ((1, D), lambda x: x.expand(8, D)),
+    "broadcast-3d": ((5, 1, D), lambda x: x.expand(5, 4, D)),
+    "broadcast-1d": ((D,), lambda x: x.expand(3, 2, D)),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_layouts(device, op, dtype, layout, make_inputs):
+    """Non-contiguous, sliced, broadcast (stride-0) and multi-dim h: values and all gradients."""
+    base_shape, view = LAYOUTS[layout]
+    leaves = make_inputs(base_shape, 3, dtype, device=device, d=D)
+    check_against_truth(op, leaves, view)
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_non_contiguous_grad_out(device, op, make_inputs):
+    """A transposed upstream gradient gives the same gradients as the float64 truth."""
+    leaves = make_inputs((5, 6, D), 3, torch.float64, device=device)
+    grad_out = torch.randn(D, 6, 5, dtype=torch.float64, device=device).permute(2, 1, 0)
+    assert not grad_out.is_contiguous()
+    check_against_truth(op, leaves, grad_out=grad_out)
+
+
+@pytest.mark.parametrize(
+    "N, d, r",
+    [(1, 40, 4), (1, 1, 1), (37, 13, 1), (9, 1001, 3), (33, 64, 64), (5, 1001, 64), (130, 17, 2)],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_shapes(device, op, dtype, N, d, r, make_inputs):
+    """r = 1 and 64, d not a multiple of 16 (13, 17, 1001), N = 1: values and all gradients."""
+    leaves = make_inputs((N, d), r, dtype, device=device)
+    check_against_truth(op, leaves)
+
+
+@pytest.mark.parametrize("shape", [(0, 13), (2, 0, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_empty_rows(device, op, dtype, shape, make_inputs):
+    """N = 0: empty output of h's shape and dtype; parameter gradients are exact zeros."""
+    leaves = make_inputs(shape, 3, dtype, torch.float32, device)
+    out = OPS[op][0](*leaves)
+    assert out.shape == shape and out.dtype == dtype
+    out.sum().backward()
+    h = leaves[0]
+    assert h.grad.shape == shape and h.grad.dtype == dtype
+    for p in leaves[1:]:
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+# --------------------------------------------------------------------------------------------------
+# Determinism and robustness
+
+
+def _run_all(op, leaves, grad_out):
+    out = OPS[op][0](*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"]
+)
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_deterministic_across_runs_and_threads(op, dtype, make_inputs):
+    """Bitwise identical out and grads on repeat runs and with 1 vs 2 threads (CPU).
+
+    N = 1002 rows with r = 4 give 8 groups for the parameter reduction (one partial); with d = 64
+    two threads split the forward rows at 501, not a multiple of the 4-row block.
+    """
+    leaves = make_inputs((1002, 64), 4, dtype, torch.float32)
+    grad_out = torch.randn(1002, 64, dtype=torch.float64).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = _run_all(op, leaves, grad_out)
+        second = _run_all(op, leaves, grad_out)
+        torch.set_num_threads(1)
+        single = _run_all(op, leaves, grad_out)
+    finally:
+        torch.set_num_threads(threads)
+    names = ["out", "grad_h", "grad_A", "grad_B", "grad_b"]
+    for name, a, b, c in zip(names, first, second, single, strict=True):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+        assert torch.equal(a, c), f"{name} differs between 2 threads and 1 thread"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_rows_independent_of_position(device, op, dtype, make_inputs):
+    """A row's out and grad_h are bitwise the same wherever it sits in the batch.
+
+    This is what makes any split of the rows (threads, blocks, GPU tiles) give identical results.
+    """
+    leaves = make_inputs((203, 40), 4, dtype, torch.float32, device)
+    grad_out = torch.randn(203, 40, dtype=torch.float64).to(leaves[0])
+    fused = OPS[op][0]
+    out = fused(*leaves)
+    (grad_h,) = torch.autograd.grad(out, leaves[0], grad_out)
+    for start in (1, 2, 3, 5):
+        h = leaves[0].detach()[start:].requires_grad_()
+        out_s = fused(h, *leaves[1:])
+        (grad_h_s,) = torch.autograd.grad(out_s, h, grad_out[start:])
+        assert torch.equal(out_s, out[start:]), f"out differs with rows shifted by {start}"
+        assert torch.equal(grad_h_s, grad_h[start:]), f"grad_h differs, shift {start}"
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_finite_on_large_inputs(device, op, dtype, make_inputs):
+    """Finite out and gradients for finite random input of a realistic size."""
+    leaves = make_inputs((4, 256, 768), 8, dtype, torch.float32, device)
+    out = OPS[op][0](*leaves)
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    assert torch.isfinite(out).all()
+    for g in grads:
+        assert torch.isfinite(g).all()
+
+
+def test_saves_no_row_sized_intermediate(device, make_inputs):
+    """loreft saves h itself and nothing else of N·d elements or more for backward."""
+    N, d = 512, 64
+    h, R, W, b = make_inputs((N, d), 2, torch.float32, device=device)
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+        out = reft_ext.loreft(h, R, W, b)
+    assert saved, "no tensor was saved for backward"
+    big = [numel for numel, ptr in saved if numel >= N * d and ptr != h.data_ptr()]
+    assert not big, f"row-sized tensors saved besides h: {big}"
+    torch.autograd.grad(out, (h, R, W, b), torch.ones_like(out))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs, public API
+
+DB, RB = 8, 3  # d and r of the bad-input cases
+
+
+def _good():
+    return {
+        "h": torch.randn(4, DB),
+        "A": torch.randn(RB, DB),
+        "B": torch.randn(RB, DB),
+        "b": torch.randn(RB),
+    }
+
+
+# case id -> (replacements of the good inputs, expected exception, argument it must name)
+BAD_INPUTS = {
+    "h-0d": ({"h": torch.tensor(1.0)}, ValueError, "h"),
+    "h-int": ({"h": torch.ones(4, DB, dtype=torch.int64)}, ValueError, "h"),
+    "h-complex": ({"h": torch.ones(4, DB, dtype=torch.complex64)}, ValueError, "h"),
+    "h-list": ({"h": [[0.0] * DB] * 4}, TypeError, "h"),
+    "A-1d": ({"A": torch.randn(DB)}, ValueError, "A"),
+    "A-3d": ({"A": torch.randn(1, RB, DB)}, ValueError, "A"),
+    "A-rank-0": (
+        {"A": torch.randn(0, DB), "B": torch.randn(0, DB), "b": torch.randn(0)},
+        ValueError,
+        "A",
+    ),
+    "A-d-mismatch": ({"A": torch.randn(RB, DB + 1)}, ValueError, "A"),
+    "B-d-mismatch": ({"B": torch.randn(RB, DB - 1)}, ValueError, "B"),
+    "B-r-mismatch": ({"B": torch.randn(RB + 1, DB)}, ValueError, "B"),
+    "b-too-long": ({"b": torch.randn(RB + 1)}, ValueError, "b"),
+    "b-2d": ({"b": torch.randn(1, RB)}, ValueError, "b"),
+    "b-0d": ({"b": torch.tensor(0.5)}, ValueError, "b"),
+    "b-float": ({"b": 0.5}, TypeError, "b"),
+    "A-none": ({"A": None}, TypeError, "A"),
+    "A-int": ({"A": torch.ones(RB, DB, dtype=torch.int32)}, ValueError, "A"),
+    "b-int": ({"b": torch.ones(RB, dtype=torch.int64)}, ValueError, "b"),
+    "A-fp64-with-fp32-h": ({"A": torch.randn(RB, DB, dtype=torch.float64)}, ValueError, "A"),
+    "B-fp64-with-fp32-h": ({"B": torch.randn(RB, DB, dtype=torch.float64)}, ValueError, "B"),
+    "b-fp64-with-fp32-h": ({"b": torch.randn(RB, dtype=torch.float64)}, ValueError, "b"),
+    "A-bf16-with-fp16-h": (
+        {"h": torch.randn(4, DB).half(), "A": torch.randn(RB, DB).bfloat16()},
+        ValueError,
+        "A",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_bad_inputs_name_the_argument(op, case):
+    """Bad input raises TypeError/ValueError whose message names the offending argument."""
+    replace, exc, which = BAD_INPUTS[case]
+    args = {**_good(), **replace}
+    names = dict(zip(("A", "B"), OPS[op][3], strict=True))
+    name = names.get(which, which)
+    with pytest.raises(exc, match=rf"\b{name} must\b"):
+        OPS[op][0](args["h"], args["A"], args["B"], args["b"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("which", ["A", "B", "b"])
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_bad_inputs_mixed_devices(op, which):
+    """A parameter on another device than h raises ValueError naming it."""
+    args = _good()
+    args[which] = args[which].cuda()
+    name = dict(zip(("A", "B"), OPS[op][3], strict=True)).get(which, which)
+    with pytest.raises(ValueError, match=rf"\b{name} must\b"):
+        OPS[op][0](args["h"], args["A"], args["B"], args["b"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs, raw ops
+
+
+def _raw_good():
+    h, P, Q, b = _raw_inputs(torch.float32, torch.float32, "cpu", N=4, d=DB, r=RB)
+    return {"h": h, "P": P, "Q": Q, "b": b}
+
+
+RAW_FORWARD_BAD = {
+    "h-non-contiguous": ({"h": torch.randn(DB, 4).T}, "h"),
+    "h-1d": ({"h": torch.randn(DB)}, "h"),
+    "h-int": ({"h": torch.ones(4, DB, dtype=torch.int32)}, "h"),
+    "P-fp64-for-fp32-h": ({"P": torch.randn(RB, DB, dtype=torch.float64)}, "P"),
+    "P-bf16-for-bf16-h": (
+        {"h": torch.randn(4, DB).bfloat16(), "P": torch.randn(RB, DB).bfloat16()},
+        "P",
+    ),
+    "P-1d": ({"P": torch.randn(DB)}, "P"),
+    "P-d-mismatch": ({"P": torch.randn(RB, DB + 1)}, "P"),
+    "P-non-contiguous": ({"P": torch.randn(DB, RB).T}, "P"),
+    "Q-shape": ({"Q": torch.randn(RB + 1, DB)}, "Q"),
+    "Q-fp16": ({"Q": torch.randn(RB, DB).half()}, "Q"),
+    "b-shape": ({"b": torch.randn(RB + 2)}, "b"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_FORWARD_BAD))
+def test_raw_forward_bad_inputs(case):
+    """Direct lowrank_edit_forward calls with bad arguments raise RuntimeError naming them."""
+    replace, name = RAW_FORWARD_BAD[case]
+    args = {**_raw_good(), **replace}
+    with pytest.raises(RuntimeError, match=rf"\b{name} must\b"):
+        torch.ops.reft_ext.lowrank_edit_forward(args["h"], args["P"], args["Q"], args["b"])
+
+
+RAW_BACKWARD_BAD = {
+    "grad_out-dtype": ({"grad_out": torch.randn(4, DB, dtype=torch.float64)}, "grad_out"),
+    "grad_out-shape": ({"grad_out": torch.randn(5, DB)}, "grad_out"),
+    "grad_out-non-contiguous": ({"grad_out": torch.randn(DB, 4).T}, "grad_out"),
+    "z-shape": ({"z": torch.randn(4, RB + 1)}, "z"),
+    "z-dtype": ({"z": torch.randn(4, RB, dtype=torch.float64)}, "z"),
+    "h-non-contiguous": ({"h": torch.randn(DB, 4).T}, "h"),
+    "P-fp64": ({"P": torch.randn(RB, DB, dtype=torch.float64)}, "P"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_BACKWARD_BAD))
+def test_raw_backward_bad_inputs(case):
+    """Direct lowrank_edit_backward calls with bad arguments raise RuntimeError naming them."""
+    replace, name = RAW_BACKWARD_BAD[case]
+    good = _raw_good()
+    _, z = torch.ops.reft_ext.lowrank_edit_forward(good["h"], good["P"], good["Q"], good["b"])
+    args = {**good, "z": z, "grad_out": torch.randn(4, DB), **replace}
+    with pytest.raises(RuntimeError, match=rf"\b{name} must\b"):
+        torch.ops.reft_ext.lowrank_edit_backward(
+            args["grad_out"], args["h"], args["P"], args["Q"], args["z"]
+        )
+
+
+def test_double_backward_raises_instead_of_silently_wrong():
+    """Second derivatives are not implemented: differentiating through backward must raise."""
+    h = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    R, W = (torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(reft_ext.loreft(h, R, W, b).square().sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.square().sum(), (h, R, W, b))
