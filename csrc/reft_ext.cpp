@@ -9,4 +9,7 @@ TORCH_LIBRARY(reft_ext, m) {
   m.def(
       "lowrank_edit_backward(Tensor grad_out, Tensor h, Tensor P, Tensor Q, Tensor z) -> "
       "(Tensor grad_h, Tensor grad_P, Tensor grad_Q, Tensor grad_b)");
+  // Orthonormalizes the rows of R (r, d) or of each R[i] (k, r, d) in place. method: 0 CholeskyQR2,
+  // 1 Householder QR, 2 polar (csrc/retraction.h).
+  m.def("retract_(Tensor(a!) R, int method) -> ()");
 }

@@ -4,13 +4,24 @@ Public API:
     lowrank_edit(h, P, Q, b)  h + (h Pᵀ + b) Q        the primitive every variant uses
     loreft(h, R, W, b)        h + (h Wᵀ + b − h Rᵀ) R  LoReFT
     direft(h, R, W, b)        h + (h Wᵀ + b) R         DiReFT
+    retract_(R, method)       orthonormalize R's rows in place (cholqr2, qr, polar)
+    project_tangent(R, G)     Riemannian gradient G − sym(G Rᵀ) R
     cuda_available()          whether the CUDA kernels were compiled in
 """
 
 from . import ops  # noqa: F401  (loads the compiled library and registers fake kernels)
 from .functional import direft, loreft, lowrank_edit
 from .ops import cuda_available
+from .retraction import project_tangent, retract_
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "cuda_available", "direft", "loreft", "lowrank_edit"]
+__all__ = [
+    "__version__",
+    "cuda_available",
+    "direft",
+    "loreft",
+    "lowrank_edit",
+    "project_tangent",
+    "retract_",
+]

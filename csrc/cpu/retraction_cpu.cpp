@@ -1,0 +1,56 @@
+// CPU implementation of the retraction op: matrices of a batch in parallel, each retracted by the
+// single-threaded routines of csrc/retraction.h in float32 (float64 for float64 R).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../retraction.h"
+#include "../retraction_checks.h"
+
+namespace reft_ext {
+namespace {
+
+// Retracts the `batch` matrices (r×d each) at base, in parallel over matrices.
+template <typename scalar_t>
+void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, int64_t method) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> work(r * d), small(retraction::small_scratch_size(r));
+    std::vector<acc_t> converted(kConvert ? r * d : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* matrix = base + i * r * d;
+      acc_t* values;
+      if constexpr (kConvert) {
+        for (int64_t e = 0; e < r * d; ++e) converted[e] = static_cast<acc_t>(matrix[e]);
+        values = converted.data();
+      } else {
+        values = matrix;
+      }
+      retraction::retract_matrix(values, r, d, static_cast<retraction::Method>(method), work.data(),
+                                 small.data());
+      if constexpr (kConvert) {
+        for (int64_t e = 0; e < r * d; ++e) matrix[e] = static_cast<scalar_t>(converted[e]);
+      }
+    }
+  });
+}
+
+void retract_cpu(at::Tensor& R, int64_t method) {
+  check_retract_args(R, method);
+  const int64_t r = R.size(-2), d = R.size(-1);
+  const int64_t batch = R.numel() / (r * d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, R.scalar_type(), "retract_cpu", [&] {
+    retract_batch(R.mutable_data_ptr<scalar_t>(), batch, r, d, method);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reft_ext, CPU, m) { m.impl("retract_", &retract_cpu); }
+
+}  // namespace reft_ext

@@ -1,0 +1,125 @@
+// CUDA implementation of the retraction op: one block per matrix of the batch, one launch.
+// The d-long passes (Gram matrix, triangular solve, polar apply) are split over the block's
+// threads; the r×r factorizations and the rare Householder fallback run on thread 0 with the
+// routines of csrc/retraction.h that the CPU back-end uses.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../retraction.h"
+#include "../retraction_checks.h"
+
+namespace reft_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// S = R Rᵀ: one warp per (i, j) pair, lanes striding over d (coalesced), butterfly sum.
+template <typename acc_t>
+__device__ void block_gram(const acc_t* R, acc_t* S, int64_t r, int64_t d) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t pairs = r * (r + 1) / 2;
+  for (int64_t p = warp; p < pairs; p += kWarps) {
+    // p -> (i, j) with j <= i, row-major over the lower triangle.
+    int64_t i = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(p) + 1.0) - 1.0) / 2.0);
+    while (i * (i + 1) / 2 > p) --i;
+    while ((i + 1) * (i + 2) / 2 <= p) ++i;
+    const int64_t j = p - i * (i + 1) / 2;
+    acc_t value = 0;
+    for (int64_t c = lane; c < d; c += 32) value += R[i * d + c] * R[j * d + c];
+    value = warp_sum(value);
+    if (lane == 0) {
+      S[i * r + j] = value;
+      S[j * r + i] = value;
+    }
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    retract_kernel(acc_t* values, acc_t* work_all, acc_t* small_all, int64_t r, int64_t d,
+                   int method) {
+  using namespace retraction;
+  __shared__ int ok;
+  const int64_t b = blockIdx.x;
+  acc_t* R = values + b * r * d;
+  acc_t* work = work_all + b * r * d;
+  acc_t* S = small_all + b * small_scratch_size(r);
+  acc_t* T = S + r * r;
+  acc_t* tmp = S + 2 * r * r;
+  const bool polar = method == kPolar;
+  const bool leader = threadIdx.x == 0;
+  if (polar && leader) set_identity(T, r);
+  int passes = 0;
+  if (method != kQR) {
+    for (; passes < 2; ++passes) {
+      __syncthreads();
+      block_gram(R, S, r, d);
+      __syncthreads();
+      if (leader) {
+        ok = cholesky_lower(S, r);
+        if (ok && polar) multiply_into(T, S, tmp, r);
+      }
+      __syncthreads();
+      if (!ok) break;
+      solve_lower_columns(S, R, r, d, threadIdx.x, kThreads);
+    }
+  }
+  __syncthreads();
+  if (passes < 2) {
+    if (leader) {
+      householder_rows(R, S, work, r, d);
+      if (polar) multiply_into(T, S, tmp, r);
+    }
+    __syncthreads();
+  }
+  if (polar) {
+    if (leader) ok = polar_small(T, tmp, r);
+    __syncthreads();
+    if (ok) {
+      apply_left_columns(T, R, work, r, d, threadIdx.x, kThreads);
+      __syncthreads();
+      for (int64_t e = threadIdx.x; e < r * d; e += kThreads) R[e] = work[e];
+    }
+  }
+}
+
+void retract_cuda(at::Tensor& R, int64_t method) {
+  check_retract_args(R, method);
+  const c10::cuda::CUDAGuard guard(R.device());
+  const int64_t r = R.size(-2), d = R.size(-1);
+  const int64_t batch = R.numel() / (r * d);
+  if (batch == 0) return;
+  const auto acc = R.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // Low-precision R is retracted in float32 and written back.
+  at::Tensor values = R.scalar_type() == acc ? R : R.to(acc);
+  auto work = at::empty({batch, r, d}, values.options());
+  auto small = at::empty({batch, retraction::small_scratch_size(r)}, values.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(acc, "retract_cuda", [&] {
+    retract_kernel<scalar_t><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
+        values.mutable_data_ptr<scalar_t>(), work.mutable_data_ptr<scalar_t>(),
+        small.mutable_data_ptr<scalar_t>(), r, d, static_cast<int>(method));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (!values.is_same(R)) R.copy_(values);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reft_ext, CUDA, m) { m.impl("retract_", &retract_cuda); }
+
+}  // namespace reft_ext

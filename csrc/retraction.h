@@ -1,0 +1,262 @@
+// Matrix routines of the orthogonal retraction, shared by the CPU and CUDA back-ends.
+//
+// A retraction maps R (r×d, r ≤ d, row-major) to a matrix with orthonormal rows. Every method
+// first factors R = T Q with Q orthonormal rows and T (r×r) lower triangular with a positive
+// diagonal:
+//   - CholeskyQR2: twice { S = R Rᵀ; S = L Lᵀ; R ← L⁻¹ R }, T = L₁ L₂. Needs S safely positive
+//     definite (κ(R) well below u^-1/2); otherwise
+//   - Householder QR of Rᵀ, signs fixed so that diag(T) > 0, which is stable for any R (zero or
+//     repeated rows included: its Q is orthonormal whatever the rank).
+// Both give the same Q (the unique QR factor with positive diag(T)), so "cholqr2" and "qr" keep the
+// row space. "polar" then replaces Q by polar(T) Q = (R Rᵀ)^-1/2 R, the closest matrix with
+// orthonormal rows, with polar(T) from Newton's iteration X ← (X + X⁻ᵀ)/2 on the r×r factor.
+//
+// The routines are single-threaded on one matrix, except those taking (begin, step) column ranges,
+// which a CUDA block splits over its threads. All arithmetic is in acc_t (float or double).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "lowrank_edit.h"
+
+namespace reft_ext {
+namespace retraction {
+
+enum Method : int64_t { kCholQR2 = 0, kQR = 1, kPolar = 2 };
+
+template <typename acc_t>
+REFT_HD acc_t unit_roundoff() {
+  return sizeof(acc_t) == 8 ? acc_t(1.1102230246251565e-16) : acc_t(5.9604645e-08);
+}
+
+// Cholesky S = L Lᵀ of the r×r symmetric S, in place (lower triangle; the upper is zeroed).
+// False when a pivot is not safely positive relative to its diagonal entry: then S Gram of an
+// ill-conditioned or rank-deficient R, and CholeskyQR would lose orthogonality.
+template <typename acc_t>
+REFT_HD bool cholesky_lower(acc_t* S, int64_t r) {
+  const acc_t threshold = acc_t(16) * static_cast<acc_t>(r) * unit_roundoff<acc_t>();
+  for (int64_t j = 0; j < r; ++j) {
+    acc_t pivot = S[j * r + j];
+    const acc_t scale = pivot;
+    for (int64_t m = 0; m < j; ++m) pivot -= S[j * r + m] * S[j * r + m];
+    if (!(scale > acc_t(0)) || !(pivot > threshold * scale)) return false;
+    const acc_t diagonal = std::sqrt(pivot);
+    S[j * r + j] = diagonal;
+    for (int64_t i = j + 1; i < r; ++i) {
+      acc_t value = S[i * r + j];
+      for (int64_t m = 0; m < j; ++m) value -= S[i * r + m] * S[j * r + m];
+      S[i * r + j] = value / diagonal;
+    }
+    for (int64_t i = 0; i < j; ++i) S[i * r + j] = acc_t(0);
+  }
+  return true;
+}
+
+// R ← L⁻¹ R for the lower-triangular L (r×r), on the columns begin, begin + step, ... < d.
+// The same operation order for every element, whichever thread runs the column.
+template <typename acc_t>
+REFT_HD void solve_lower_columns(const acc_t* L, acc_t* R, int64_t r, int64_t d, int64_t begin,
+                                 int64_t step) {
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t m = 0; m < i; ++m) {
+      const acc_t factor = L[i * r + m];
+      for (int64_t j = begin; j < d; j += step) R[i * d + j] -= factor * R[m * d + j];
+    }
+    const acc_t inverse = acc_t(1) / L[i * r + i];
+    for (int64_t j = begin; j < d; j += step) R[i * d + j] *= inverse;
+  }
+}
+
+// C = A B for r×r A, B (C distinct from both).
+template <typename acc_t>
+REFT_HD void matmul_small(const acc_t* A, const acc_t* B, acc_t* C, int64_t r) {
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t j = 0; j < r; ++j) {
+      acc_t value = 0;
+      for (int64_t m = 0; m < r; ++m) value += A[i * r + m] * B[m * r + j];
+      C[i * r + j] = value;
+    }
+  }
+}
+
+// Householder QR of Rᵀ on the r×d row-major R: R ← Q (orthonormal rows), T ← lower-triangular
+// factor with R_in = T Q and diag(T) ≥ 0. work: r×d scratch for the Householder vectors.
+template <typename acc_t>
+REFT_HD void householder_rows(acc_t* R, acc_t* T, acc_t* work, int64_t r, int64_t d) {
+  for (int64_t j = 0; j < r; ++j) {
+    acc_t* v = work + j * d;
+    acc_t norm2 = 0;
+    for (int64_t c = j; c < d; ++c) norm2 += R[j * d + c] * R[j * d + c];
+    const acc_t norm = std::sqrt(norm2);
+    for (int64_t c = 0; c < d; ++c) v[c] = c >= j ? R[j * d + c] : acc_t(0);
+    if (norm == acc_t(0)) continue;  // zero column: the identity reflector (v stays zero)
+    v[j] += v[j] >= acc_t(0) ? norm : -norm;
+    acc_t beta = 0;
+    for (int64_t c = j; c < d; ++c) beta += v[c] * v[c];
+    for (int64_t i = j; i < r; ++i) {
+      acc_t dot = 0;
+      for (int64_t c = j; c < d; ++c) dot += v[c] * R[i * d + c];
+      const acc_t factor = acc_t(2) * dot / beta;
+      for (int64_t c = j; c < d; ++c) R[i * d + c] -= factor * v[c];
+    }
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t j = 0; j < r; ++j) T[i * r + j] = j <= i ? R[i * d + j] : acc_t(0);
+  }
+  // Q's rows: e_i with the reflectors applied last to first.
+  for (int64_t i = 0; i < r; ++i) {
+    acc_t* q = R + i * d;
+    for (int64_t c = 0; c < d; ++c) q[c] = c == i ? acc_t(1) : acc_t(0);
+    for (int64_t j = r - 1; j >= 0; --j) {
+      const acc_t* v = work + j * d;
+      acc_t beta = 0, dot = 0;
+      for (int64_t c = j; c < d; ++c) {
+        beta += v[c] * v[c];
+        dot += v[c] * q[c];
+      }
+      if (beta == acc_t(0)) continue;
+      const acc_t factor = acc_t(2) * dot / beta;
+      for (int64_t c = j; c < d; ++c) q[c] -= factor * v[c];
+    }
+  }
+  // Signs: diag(T) ≥ 0 makes Q unique (the same Q as CholeskyQR's).
+  for (int64_t j = 0; j < r; ++j) {
+    if (T[j * r + j] < acc_t(0)) {
+      for (int64_t i = j; i < r; ++i) T[i * r + j] = -T[i * r + j];
+      for (int64_t c = 0; c < d; ++c) R[j * d + c] = -R[j * d + c];
+    }
+  }
+}
+
+// Inverse of the r×r A by Gauss-Jordan with partial pivoting: A is destroyed, inv receives A⁻¹.
+// False when A is numerically singular.
+template <typename acc_t>
+REFT_HD bool invert_small(acc_t* A, acc_t* inv, int64_t r) {
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) inv[i * r + j] = i == j ? acc_t(1) : acc_t(0);
+  for (int64_t c = 0; c < r; ++c) {
+    int64_t pivot = c;
+    for (int64_t i = c + 1; i < r; ++i)
+      if (std::fabs(A[i * r + c]) > std::fabs(A[pivot * r + c])) pivot = i;
+    if (A[pivot * r + c] == acc_t(0)) return false;
+    for (int64_t j = 0; j < r; ++j) {
+      const acc_t a = A[c * r + j], b = inv[c * r + j];
+      A[c * r + j] = A[pivot * r + j];
+      inv[c * r + j] = inv[pivot * r + j];
+      A[pivot * r + j] = a;
+      inv[pivot * r + j] = b;
+    }
+    const acc_t scale = acc_t(1) / A[c * r + c];
+    for (int64_t j = 0; j < r; ++j) {
+      A[c * r + j] *= scale;
+      inv[c * r + j] *= scale;
+    }
+    for (int64_t i = 0; i < r; ++i) {
+      if (i == c) continue;
+      const acc_t factor = A[i * r + c];
+      for (int64_t j = 0; j < r; ++j) {
+        A[i * r + j] -= factor * A[c * r + j];
+        inv[i * r + j] -= factor * inv[c * r + j];
+      }
+    }
+  }
+  return true;
+}
+
+// X ← polar factor of the r×r X (Newton: X ← (X + X⁻ᵀ)/2 until it settles). work: 2·r×r.
+// False (X unchanged in meaning) when X is singular: the polar factor is then not unique.
+template <typename acc_t>
+REFT_HD bool polar_small(acc_t* X, acc_t* work, int64_t r) {
+  acc_t* A = work;
+  acc_t* inv = work + r * r;
+  const acc_t tolerance = acc_t(4) * static_cast<acc_t>(r) * unit_roundoff<acc_t>();
+  for (int iteration = 0; iteration < 100; ++iteration) {
+    for (int64_t e = 0; e < r * r; ++e) A[e] = X[e];
+    if (!invert_small(A, inv, r)) return false;
+    acc_t change = 0, size = 0;
+    for (int64_t i = 0; i < r; ++i) {
+      for (int64_t j = 0; j < r; ++j) {
+        const acc_t next = acc_t(0.5) * (X[i * r + j] + inv[j * r + i]);
+        change += (next - X[i * r + j]) * (next - X[i * r + j]);
+        size += next * next;
+        X[i * r + j] = next;
+      }
+    }
+    if (change <= tolerance * tolerance * size) return true;
+  }
+  return true;
+}
+
+// out ← X R for the r×r X, on columns begin, begin + step, ... < d (out distinct from R).
+template <typename acc_t>
+REFT_HD void apply_left_columns(const acc_t* X, const acc_t* R, acc_t* out, int64_t r, int64_t d,
+                                int64_t begin, int64_t step) {
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t j = begin; j < d; j += step) out[i * d + j] = acc_t(0);
+    for (int64_t m = 0; m < r; ++m) {
+      const acc_t factor = X[i * r + m];
+      for (int64_t j = begin; j < d; j += step) out[i * d + j] += factor * R[m * d + j];
+    }
+  }
+}
+
+// S = R Rᵀ (r×r) of the r×d R.
+template <typename acc_t>
+REFT_HD void gram_rows(const acc_t* R, acc_t* S, int64_t r, int64_t d) {
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t j = 0; j <= i; ++j) {
+      acc_t value = 0;
+      for (int64_t c = 0; c < d; ++c) value += R[i * d + c] * R[j * d + c];
+      S[i * r + j] = value;
+      S[j * r + i] = value;
+    }
+  }
+}
+
+template <typename acc_t>
+REFT_HD void set_identity(acc_t* X, int64_t r) {
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) X[i * r + j] = i == j ? acc_t(1) : acc_t(0);
+}
+
+// T ← T F for r×r matrices; tmp: r×r scratch.
+template <typename acc_t>
+REFT_HD void multiply_into(acc_t* T, const acc_t* F, acc_t* tmp, int64_t r) {
+  matmul_small(T, F, tmp, r);
+  for (int64_t e = 0; e < r * r; ++e) T[e] = tmp[e];
+}
+
+// Scratch of retract_matrix: r×d values in `work`, small_scratch_size(r) values in `small`.
+REFT_HD int64_t small_scratch_size(int64_t r) { return 5 * r * r; }
+
+// Retracts one r×d matrix in place (single-threaded), with the method's fallbacks described above.
+template <typename acc_t>
+REFT_HD void retract_matrix(acc_t* R, int64_t r, int64_t d, Method method, acc_t* work,
+                            acc_t* small) {
+  acc_t* S = small;                // Gram matrix, then its Cholesky factor
+  acc_t* T = small + r * r;        // accumulated triangular factor: R_in = T Q (polar only)
+  acc_t* tmp = small + 2 * r * r;  // 3 r×r: products and the polar iteration
+  const bool polar = method == kPolar;
+  if (polar) set_identity(T, r);
+  int passes = 0;
+  if (method != kQR) {
+    for (; passes < 2; ++passes) {
+      gram_rows(R, S, r, d);
+      if (!cholesky_lower(S, r)) break;
+      solve_lower_columns(S, R, r, d, 0, 1);
+      if (polar) multiply_into(T, S, tmp, r);
+    }
+  }
+  if (passes < 2) {
+    householder_rows(R, S, work, r, d);
+    if (polar) multiply_into(T, S, tmp, r);
+  }
+  if (polar && polar_small(T, tmp, r)) {
+    apply_left_columns(T, R, work, r, d, 0, 1);
+    for (int64_t e = 0; e < r * d; ++e) R[e] = work[e];
+  }
+}
+
+}  // namespace retraction
+}  // namespace reft_ext

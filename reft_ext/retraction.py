@@ -1,0 +1,80 @@
+"""Keeping R's rows orthonormal by retraction after each optimizer step (DESIGN §3).
+
+Instead of pyreft's orthogonal parametrization (a d×d buffer and a d×d·r product per weight read),
+the optimizer updates R freely and :func:`retract_` maps it back onto the Stiefel manifold in
+O(d·r²) per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops  # noqa: F401  (registers the ops)
+
+METHODS = {"cholqr2": 0, "qr": 1, "polar": 2}
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.register_fake("reft_ext::retract_")
+def _retract_fake(R, method):
+    return None
+
+
+def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True) -> torch.Tensor:
+    """Orthonormalize the rows of R in place and return R.
+
+    Args:
+        R: (r, d) or a batch (k, r, d) with 1 <= r <= d; float64, float32, bfloat16 or float16 (low
+            precision is retracted in float32 and written back). Any strides.
+        method: ``"cholqr2"`` (default; CholeskyQR2, same row space), ``"qr"`` (Householder QR, same
+            row space, signs fixed so that the result is unique; equal to cholqr2's result) or
+            ``"polar"`` ((R Rᵀ)^-1/2 R, the closest matrix with orthonormal rows).
+            Rank-deficient input falls back to Householder QR, which still returns orthonormal
+            rows (polar then returns that QR factor: the closest matrix is not unique).
+        check_finite: raise ValueError when R holds NaN or Inf (costs one device sync on CUDA).
+
+    Returns:
+        R, modified in place. Not differentiable (an update applied outside autograd).
+    """
+    if not isinstance(R, torch.Tensor):
+        raise TypeError(f"retract_: R must be a torch.Tensor, got {type(R).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"retract_: method must be one of {sorted(METHODS)}, got {method!r}")
+    if R.dtype not in _DTYPES:
+        raise ValueError(
+            f"retract_: R must be float64, float32, bfloat16 or float16, got {R.dtype}"
+        )
+    if R.dim() not in (2, 3) or not 1 <= R.shape[-2] <= R.shape[-1]:
+        raise ValueError(
+            "retract_: R must have shape (r, d) or (k, r, d) with 1 <= r <= d, "
+            f"got {tuple(R.shape)}"
+        )
+    if check_finite and not bool(torch.isfinite(R).all()):
+        raise ValueError("retract_: R contains NaN or Inf; cannot orthonormalize it")
+    with torch.no_grad():
+        target = R if R.is_contiguous() else R.contiguous()
+        torch.ops.reft_ext.retract_(target, METHODS[method])
+        if target is not R:
+            R.copy_(target)
+    return R
+
+
+def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Riemannian gradient on the Stiefel manifold: G − sym(G Rᵀ) R, sym(A) = (A + Aᵀ)/2.
+
+    Args:
+        R: (r, d) or (k, r, d) with orthonormal rows.
+        G: gradient of R's shape and device.
+
+    Returns:
+        The projection of G onto the tangent space at R, G's shape and dtype (computed in float32 or
+        float64).
+    """
+    if R.shape != G.shape:
+        raise ValueError(
+            f"project_tangent: G must have R's shape {tuple(R.shape)}, got {tuple(G.shape)}"
+        )
+    acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+    Ra, Ga = R.to(acc), G.to(acc)
+    A = Ga @ Ra.transpose(-1, -2)
+    return (Ga - 0.5 * (A + A.transpose(-1, -2)) @ Ra).to(G.dtype)
