@@ -6,17 +6,27 @@ Public API:
     direft(h, R, W, b)        h + (h Wᵀ + b) R         DiReFT
     retract_(R, method)       orthonormalize R's rows in place (cholqr2, qr, polar)
     project_tangent(R, G)     Riemannian gradient G − sym(G Rᵀ) R
+    keep_orthonormal(opt)     retract marked parameters after every optimizer step
+    LoReFT, NoReFT, DiReFT, ConsReFT, LoBiReFT   intervention modules
     cuda_available()          whether the CUDA kernels were compiled in
 """
 
 from . import ops  # noqa: F401  (loads the compiled library and registers fake kernels)
 from .functional import direft, loreft, lowrank_edit
+from .modules import ConsReFT, DiReFT, LoBiReFT, LoReFT, NoReFT
 from .ops import cuda_available
-from .retraction import project_tangent, retract_
+from .retraction import keep_orthonormal, mark_stiefel, project_tangent, retract_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConsReFT",
+    "DiReFT",
+    "LoBiReFT",
+    "LoReFT",
+    "NoReFT",
+    "keep_orthonormal",
+    "mark_stiefel",
     "__version__",
     "cuda_available",
     "direft",

@@ -78,3 +78,108 @@ def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     Ra, Ga = R.to(acc), G.to(acc)
     A = Ga @ Ra.transpose(-1, -2)
     return (Ga - 0.5 * (A + A.transpose(-1, -2)) @ Ra).to(G.dtype)
+
+
+_STIEFEL_FLAG = "reft_stiefel"
+
+
+def mark_stiefel(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    """Mark ``param`` (r, d) as kept orthonormal by :func:`keep_orthonormal`'s default selection."""
+    setattr(param, _STIEFEL_FLAG, True)
+    return param
+
+
+def is_stiefel(param: torch.Tensor) -> bool:
+    """Whether ``param`` was marked with :func:`mark_stiefel` (the modules mark their R)."""
+    return bool(getattr(param, _STIEFEL_FLAG, False))
+
+
+class OrthonormalityHandle:
+    """Returned by :func:`keep_orthonormal`; ``remove()`` detaches its optimizer hooks."""
+
+    def __init__(self, handles: list, params: list[torch.Tensor]):
+        self._handles = handles
+        self.params = params
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _retract_grouped(params: list[torch.Tensor], method: str) -> None:
+    """Retract params, stacking those of equal shape, dtype and device into one batched call."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+    with torch.no_grad():
+        for members in groups.values():
+            if len(members) == 1:
+                retract_(members[0].data, method)
+                continue
+            stacked = torch.stack([p.data for p in members])
+            retract_(stacked, method)
+            for p, value in zip(members, stacked.unbind(0), strict=True):
+                p.data.copy_(value)
+
+
+def keep_orthonormal(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor] | None = None,
+    method: str = "cholqr2",
+    project_grad: bool = False,
+) -> OrthonormalityHandle:
+    """Retract ``params`` onto orthonormal rows after every ``optimizer.step()``.
+
+    Args:
+        optimizer: any torch optimizer (weight decay, GradScaler and gradient accumulation work: the
+            hooks run inside ``step()``, which GradScaler skips on overflow).
+        params: (r, d) parameters managed by ``optimizer``; default: every parameter of its groups
+            marked by :func:`mark_stiefel` (the R of :class:`reft_ext.LoReFT` and friends).
+        method: retraction method of :func:`retract_`.
+        project_grad: first replace each gradient G by the Riemannian gradient
+            :func:`project_tangent` (R, G), before the step.
+
+    Returns:
+        A handle whose ``remove()`` detaches the hooks. Parameters with equal shape, dtype and
+        device are retracted together in one batched call.
+    """
+    if method not in METHODS:
+        raise ValueError(
+            f"keep_orthonormal: method must be one of {sorted(METHODS)}, got {method!r}"
+        )
+    managed = [p for group in optimizer.param_groups for p in group["params"]]
+    if params is None:
+        params = [p for p in managed if is_stiefel(p)]
+        if not params:
+            raise ValueError(
+                "keep_orthonormal: the optimizer has no parameter marked by mark_stiefel "
+                "(pass params=[...] explicitly)"
+            )
+    params = list(params)
+    managed_ids = {id(p) for p in managed}
+    for p in params:
+        if id(p) not in managed_ids:
+            raise ValueError(
+                f"keep_orthonormal: a parameter of shape {tuple(p.shape)} is not in the optimizer"
+            )
+        if p.dim() != 2 or not 1 <= p.shape[0] <= p.shape[1]:
+            raise ValueError(
+                f"keep_orthonormal: params must be (r, d) with 1 <= r <= d, got {tuple(p.shape)}"
+            )
+    _retract_grouped(params, method)  # start on the manifold
+
+    def after_step(_optimizer, _args, _kwargs):
+        _retract_grouped(params, method)
+
+    handles = [optimizer.register_step_post_hook(after_step)]
+    if project_grad:
+
+        def before_step(_optimizer, _args, _kwargs):
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.copy_(project_tangent(p, p.grad))
+
+        handles.insert(0, optimizer.register_step_pre_hook(before_step))
+    return OrthonormalityHandle(handles, params)
