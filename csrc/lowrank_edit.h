@@ -15,7 +15,8 @@
 #define REFT_HD __host__ __device__ __forceinline__
 #define REFT_UNROLL _Pragma("unroll")
 #else
-#define REFT_HD inline
+// always_inline: the CPU kernels' per-ISA entry points must compile this math for their own ISA.
+#define REFT_HD inline __attribute__((always_inline))
 #define REFT_UNROLL _Pragma("GCC unroll 16")
 #endif
 

@@ -11,7 +11,7 @@
 // row space. "polar" then replaces Q by polar(T) Q = (R Rᵀ)^-1/2 R, the closest matrix with
 // orthonormal rows, with polar(T) from Newton's iteration X ← (X + X⁻ᵀ)/2 on the r×r factor.
 //
-// The routines are single-threaded on one matrix, except those taking (begin, step) column ranges,
+// The routines are single-threaded on one matrix, except those taking (begin, Step) column ranges,
 // which a CUDA block splits over its threads. All arithmetic is in acc_t (float or double).
 #pragma once
 
@@ -53,18 +53,19 @@ REFT_HD bool cholesky_lower(acc_t* S, int64_t r) {
   return true;
 }
 
-// R ← L⁻¹ R for the lower-triangular L (r×r), on the columns begin, begin + step, ... < d.
-// The same operation order for every element, whichever thread runs the column.
-template <typename acc_t>
+// R ← L⁻¹ R for the lower-triangular L (r×r), on the columns begin, begin + Step, ... < end.
+// The same operation order for every element, whichever thread runs the column; Step is a
+// compile-time constant so that the CPU's Step = 1 loops vectorize.
+template <int Step, typename acc_t>
 REFT_HD void solve_lower_columns(const acc_t* L, acc_t* R, int64_t r, int64_t d, int64_t begin,
-                                 int64_t step) {
+                                 int64_t end) {
   for (int64_t i = 0; i < r; ++i) {
     for (int64_t m = 0; m < i; ++m) {
       const acc_t factor = L[i * r + m];
-      for (int64_t j = begin; j < d; j += step) R[i * d + j] -= factor * R[m * d + j];
+      for (int64_t j = begin; j < end; j += Step) R[i * d + j] -= factor * R[m * d + j];
     }
     const acc_t inverse = acc_t(1) / L[i * r + i];
-    for (int64_t j = begin; j < d; j += step) R[i * d + j] *= inverse;
+    for (int64_t j = begin; j < end; j += Step) R[i * d + j] *= inverse;
   }
 }
 
@@ -188,26 +189,33 @@ REFT_HD bool polar_small(acc_t* X, acc_t* work, int64_t r) {
   return true;
 }
 
-// out ← X R for the r×r X, on columns begin, begin + step, ... < d (out distinct from R).
-template <typename acc_t>
+// out ← X R for the r×r X, on columns begin, begin + Step, ... < d (out distinct from R).
+template <int Step, typename acc_t>
 REFT_HD void apply_left_columns(const acc_t* X, const acc_t* R, acc_t* out, int64_t r, int64_t d,
-                                int64_t begin, int64_t step) {
+                                int64_t begin) {
   for (int64_t i = 0; i < r; ++i) {
-    for (int64_t j = begin; j < d; j += step) out[i * d + j] = acc_t(0);
+    for (int64_t j = begin; j < d; j += Step) out[i * d + j] = acc_t(0);
     for (int64_t m = 0; m < r; ++m) {
       const acc_t factor = X[i * r + m];
-      for (int64_t j = begin; j < d; j += step) out[i * d + j] += factor * R[m * d + j];
+      for (int64_t j = begin; j < d; j += Step) out[i * d + j] += factor * R[m * d + j];
     }
   }
 }
 
-// S = R Rᵀ (r×r) of the r×d R.
+// S = R Rᵀ (r×r) of the r×d R, each entry a 32-lane dot product: four independent AVX2
+// accumulators hide the FMA latency on the CPU.
 template <typename acc_t>
 REFT_HD void gram_rows(const acc_t* R, acc_t* S, int64_t r, int64_t d) {
+  constexpr int kLanes = 32;
+  const int64_t full = d - d % kLanes;
   for (int64_t i = 0; i < r; ++i) {
     for (int64_t j = 0; j <= i; ++j) {
-      acc_t value = 0;
-      for (int64_t c = 0; c < d; ++c) value += R[i * d + c] * R[j * d + c];
+      acc_t lanes[kLanes] = {};
+      for (int64_t c = 0; c < full; c += kLanes) {
+        dot_lanes<kLanes>(lanes, R + i * d + c, R + j * d + c);
+      }
+      acc_t value = sum_lanes<kLanes>(lanes);
+      for (int64_t c = full; c < d; ++c) value += R[i * d + c] * R[j * d + c];
       S[i * r + j] = value;
       S[j * r + i] = value;
     }
@@ -244,7 +252,11 @@ REFT_HD void retract_matrix(acc_t* R, int64_t r, int64_t d, Method method, acc_t
     for (; passes < 2; ++passes) {
       gram_rows(R, S, r, d);
       if (!cholesky_lower(S, r)) break;
-      solve_lower_columns(S, R, r, d, 0, 1);
+      // Column chunks whose r rows stay in L1 while every row of the chunk is solved.
+      constexpr int64_t kChunk = 256;
+      for (int64_t c = 0; c < d; c += kChunk) {
+        solve_lower_columns<1>(S, R, r, d, c, c + kChunk < d ? c + kChunk : d);
+      }
       if (polar) multiply_into(T, S, tmp, r);
     }
   }
@@ -253,7 +265,7 @@ REFT_HD void retract_matrix(acc_t* R, int64_t r, int64_t d, Method method, acc_t
     if (polar) multiply_into(T, S, tmp, r);
   }
   if (polar && polar_small(T, tmp, r)) {
-    apply_left_columns(T, R, work, r, d, 0, 1);
+    apply_left_columns<1>(T, R, work, r, d, 0);
     for (int64_t e = 0; e < r * d; ++e) R[e] = work[e];
   }
 }

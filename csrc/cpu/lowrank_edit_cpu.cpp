@@ -10,25 +10,12 @@
 
 #include "../lowrank_edit.h"
 #include "../lowrank_edit_checks.h"
+#include "isa_dispatch.h"
 
 namespace reft_ext {
 namespace {
 
 constexpr int kLanes = 16;
-
-// The row loops are force-inlined into per-ISA entry points (see kernel_variant below), so each
-// entry point compiles all of the row math for its own instruction set.
-#define REFT_ROW_INLINE inline __attribute__((always_inline))
-
-#if defined(__x86_64__)
-// Rows are memory-bound only when the edit's FMAs are wide: an AVX2+FMA variant runs where the CPU
-// has it, chosen at run time, so the build stays portable to any x86-64.
-#define REFT_AVX2_FMA __attribute__((target("avx2,fma")))
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#endif
 
 // The row in accumulation precision: the row itself when it already is, else converted into buffer.
 template <typename scalar_t, typename acc_t>
@@ -212,7 +199,7 @@ void backward_rows_portable(const scalar_t* grad_out, const scalar_t* h,
   backward_rows(grad_out, h, P, Q, z, grad_h, partial, begin, end, d, r);
 }
 
-#if defined(__x86_64__)
+#if defined(REFT_HAS_AVX2_VARIANT)
 template <typename scalar_t>
 REFT_AVX2_FMA void forward_rows_avx2(const scalar_t* h, const acc_type<scalar_t>* P,
                                      const acc_type<scalar_t>* Q, const acc_type<scalar_t>* b,
@@ -230,15 +217,6 @@ REFT_AVX2_FMA void backward_rows_avx2(const scalar_t* grad_out, const scalar_t* 
 }
 #endif
 
-// The best entry point this CPU runs: `kernel_variant(portable, avx2)`.
-template <typename Fn>
-Fn kernel_variant(Fn portable, [[maybe_unused]] Fn avx2) {
-#if defined(__x86_64__)
-  if (cpu_has_avx2_fma()) return avx2;
-#endif
-  return portable;
-}
-
 std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
                                                             const at::Tensor& P,
                                                             const at::Tensor& Q,
@@ -250,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_forward_cpu", [&] {
         using acc_t = acc_type<scalar_t>;
-#if defined(__x86_64__)
+#if defined(REFT_HAS_AVX2_VARIANT)
         const auto rows =
             kernel_variant(&forward_rows_portable<scalar_t>, &forward_rows_avx2<scalar_t>);
 #else
@@ -288,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
         using acc_t = acc_type<scalar_t>;
-#if defined(__x86_64__)
+#if defined(REFT_HAS_AVX2_VARIANT)
         const auto rows =
             kernel_variant(&backward_rows_portable<scalar_t>, &backward_rows_avx2<scalar_t>);
 #else

@@ -10,15 +10,36 @@
 
 #include "../retraction.h"
 #include "../retraction_checks.h"
+#include "isa_dispatch.h"
 
 namespace reft_ext {
 namespace {
+
+// Entry points compiled once per instruction set (isa_dispatch.h).
+template <typename acc_t>
+void retract_matrix_portable(acc_t* R, int64_t r, int64_t d, int64_t method, acc_t* work,
+                             acc_t* small) {
+  retraction::retract_matrix(R, r, d, static_cast<retraction::Method>(method), work, small);
+}
+#if defined(REFT_HAS_AVX2_VARIANT)
+template <typename acc_t>
+REFT_AVX2_FMA void retract_matrix_avx2(acc_t* R, int64_t r, int64_t d, int64_t method, acc_t* work,
+                                       acc_t* small) {
+  retraction::retract_matrix(R, r, d, static_cast<retraction::Method>(method), work, small);
+}
+#endif
 
 // Retracts the `batch` matrices (r×d each) at base, in parallel over matrices.
 template <typename scalar_t>
 void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, int64_t method) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+#if defined(REFT_HAS_AVX2_VARIANT)
+  const auto retract_one =
+      kernel_variant(&retract_matrix_portable<acc_t>, &retract_matrix_avx2<acc_t>);
+#else
+  const auto retract_one = &retract_matrix_portable<acc_t>;
+#endif
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> work(r * d), small(retraction::small_scratch_size(r));
     std::vector<acc_t> converted(kConvert ? r * d : 0);
@@ -31,8 +52,7 @@ void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, int64_t 
       } else {
         values = matrix;
       }
-      retraction::retract_matrix(values, r, d, static_cast<retraction::Method>(method), work.data(),
-                                 small.data());
+      retract_one(values, r, d, method, work.data(), small.data());
       if constexpr (kConvert) {
         for (int64_t e = 0; e < r * d; ++e) matrix[e] = static_cast<scalar_t>(converted[e]);
       }

@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
       if (!ok) break;
-      solve_lower_columns(S, R, r, d, threadIdx.x, kThreads);
+      solve_lower_columns<kThreads>(S, R, r, d, threadIdx.x, d);
     }
   }
   __syncthreads();
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads)
     if (leader) ok = polar_small(T, tmp, r);
     __syncthreads();
     if (ok) {
-      apply_left_columns(T, R, work, r, d, threadIdx.x, kThreads);
+      apply_left_columns<kThreads>(T, R, work, r, d, threadIdx.x);
       __syncthreads();
       for (int64_t e = threadIdx.x; e < r * d; e += kThreads) R[e] = work[e];
     }

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .cases import OpCase, input_sets_for, make_inputs, op_cases, provider_call
+from .cases import (
+    OpCase,
+    RetractionCase,
+    input_sets_for,
+    make_inputs,
+    op_cases,
+    provider_call,
+    retraction_call,
+    retraction_cases,
+)
 from .timing import time_interleaved
 
 # glibc returns large freed blocks to the OS, so every fresh N×d tensor page-faults again (tens of
@@ -71,6 +80,32 @@ def run_case(case: OpCase, device: torch.device, repeats: int) -> dict:
     return row
 
 
+def run_retraction_case(case: RetractionCase, device: torch.device, repeats: int) -> dict:
+    """Time the fused retraction against torch QR loops and (k = 1) pyreft's parametrization."""
+    providers = ["fused", "torch_qr"] + (["parametrization"] if case.k == 1 else [])
+    calls = {p: retraction_call(case, p, device) for p in providers}
+    timings = time_interleaved(calls, device, repeats=repeats, warmup=2)
+    row = case.as_dict() | {name: vars(t) for name, t in timings.items()}
+    for baseline in providers[1:]:
+        row[f"{baseline}_over_fused"] = timings[baseline].median / timings["fused"].median
+    return row
+
+
+def format_retraction_table(rows: list[dict]) -> str:
+    head = "| k | d | r | fused ms | torch_qr ms | parametrization ms | qr/fused | param./fused |"
+    lines = [head, "|" + "---|" * 8]
+    for row in rows:
+        param = row.get("parametrization")
+        param_ms = f"{param['median'] * 1e3:.1f}" if param else "-"
+        param_ratio = f"{row['parametrization_over_fused']:.0f}x" if param else "-"
+        lines.append(
+            f"| {row['k']} | {row['d']} | {row['r']} | {row['fused']['median'] * 1e3:.3f} | "
+            f"{row['torch_qr']['median'] * 1e3:.3f} | {param_ms} | "
+            f"{row['torch_qr_over_fused']:.1f}x | {param_ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     head = "| mode | N | d | r | dtype | fused ms | naive ms | copy ms | naive/fused | fused/copy |"
     lines = [head, "|" + "---|" * 10]
@@ -117,10 +152,18 @@ def main(argv: list[str] | None = None) -> int:
             f"naive {r['naive']['median'] * 1e3:.3f} ms ({r['speedup_vs_naive']:.2f}x)",
             flush=True,
         )
-    table = format_table(rows)
+    retraction_rows = []
+    for case in retraction_cases(args.quick):
+        retraction_rows.append(run_retraction_case(case, device, max(5, repeats // 2)))
+        print(
+            f"  {case.name}: fused {retraction_rows[-1]['fused']['median'] * 1e3:.3f} ms",
+            flush=True,
+        )
+    table = format_table(rows) + "\n\n" + format_retraction_table(retraction_rows)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"machine": info, "ops": rows}, indent=2))
+    results = {"machine": info, "ops": rows, "retraction": retraction_rows}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "table.md").write_text(table + "\n")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
     return 0

@@ -112,3 +112,68 @@ def provider_call(case: OpCase, provider: str, inputs: list[OpInputs]) -> Callab
         return torch.autograd.grad(out, (x.h, x.R, x.W, x.b), x.grad_out)
 
     return run
+
+
+@dataclass(frozen=True)
+class RetractionCase:
+    """Keeping k (r, d) matrices orthonormal for one optimizer step."""
+
+    k: int
+    d: int
+    r: int
+
+    @property
+    def name(self) -> str:
+        return f"retraction-k{self.k}-d{self.d}-r{self.r}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def retraction_cases(quick: bool) -> list[RetractionCase]:
+    """Single matrices against pyreft's parametrization, and the batched k = 32 case."""
+    if quick:
+        return [RetractionCase(1, 2048, 8), RetractionCase(32, 4096, 8)]
+    singles = [RetractionCase(1, d, r) for d in (2048, 4096) for r in (4, 8, 32)]
+    return singles + [RetractionCase(32, 4096, 8), RetractionCase(32, 4096, 32)]
+
+
+def _sign_fixed_qr_(R: torch.Tensor) -> None:
+    """R ← its orthonormal QR factor via torch.linalg.qr (LAPACK/cuSOLVER), one matrix."""
+    Q, T = torch.linalg.qr(R.T)
+    R.copy_((Q * torch.sign(torch.diagonal(T)).where(torch.diagonal(T) != 0, 1)).T)
+
+
+def retraction_call(case: RetractionCase, provider: str, device: torch.device):
+    """A zero-argument callable for ``provider``:
+
+    - ``fused``: one reft_ext.retract_ call on the (k, r, d) batch (or the (r, d) matrix);
+    - ``torch_qr``: a loop of torch.linalg.qr retractions, one per matrix;
+    - ``parametrization``: pyreft's way, torch's orthogonal parametrization of a (d, r) weight,
+      forward and backward of one weight read, per matrix (k = 1 only: it is the slow baseline).
+    """
+    from ..retraction import retract_
+
+    shape = (case.k, case.r, case.d) if case.k > 1 else (case.r, case.d)
+    R = torch.randn(shape, device=device)
+    if provider == "fused":
+        return lambda: retract_(R, check_finite=False)
+    if provider == "torch_qr":
+        mats = list(R.view(-1, case.r, case.d).unbind(0))
+
+        def loop():
+            with torch.no_grad():
+                for m in mats:
+                    _sign_fixed_qr_(m)
+
+        return loop
+    if provider == "parametrization":
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(torch.randn(case.d, case.r, device=device))
+        torch.nn.utils.parametrizations.orthogonal(layer, "weight")
+
+        def read():
+            layer.weight.sum().backward()
+
+        return read
+    raise ValueError(f"unknown retraction provider {provider!r}")

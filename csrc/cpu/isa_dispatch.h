@@ -1,0 +1,29 @@
+// Run-time choice between a portable build of a CPU kernel and an AVX2+FMA build of the same code.
+//
+// The kernels are memory-bound only when their FMAs are wide, but the library must load on any
+// x86-64. Each kernel therefore has two entry points, one plain and one marked REFT_AVX2_FMA, whose
+// bodies force-inline the shared row math (REFT_HD / REFT_ROW_INLINE are always_inline on the
+// host), so each entry point compiles all of it for its own instruction set. kernel_variant picks
+// one.
+#pragma once
+
+#define REFT_ROW_INLINE inline __attribute__((always_inline))
+
+#if defined(__x86_64__)
+#define REFT_HAS_AVX2_VARIANT 1
+#define REFT_AVX2_FMA __attribute__((target("avx2,fma")))
+#endif
+
+namespace reft_ext {
+
+// The AVX2+FMA entry point where this CPU has both (and the build has the variant), else portable.
+template <typename Fn>
+Fn kernel_variant(Fn portable, [[maybe_unused]] Fn avx2) {
+#if defined(REFT_HAS_AVX2_VARIANT)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has) return avx2;
+#endif
+  return portable;
+}
+
+}  // namespace reft_ext
