@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with a CUDA GPU and torch installed, in well under 8 minutes:
-# build, CUDA tests, compute-sanitizer memcheck on a small forward+backward, GPU benchmark.
+# build, CUDA tests, compute-sanitizer memcheck on a small forward+backward and retractions,
+# GPU benchmark (fused ops and the k = 32 retraction).
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else ./gpu-check)
 set -uo pipefail
 out="${1:-${OUT:-gpu-check}}"
@@ -28,6 +29,12 @@ for dtype in (torch.float32, torch.bfloat16):
         R, W = (torch.randn(r, d, device="cuda", requires_grad=True) for _ in range(2))
         b = torch.randn(r, device="cuda", requires_grad=True)
         reft_ext.loreft(h, R, W, b).sum().backward()
+for method in ("cholqr2", "qr", "polar"):
+    for shape in ((4, 100), (3, 8, 256), (33, 40)):
+        reft_ext.retract_(torch.randn(shape, device="cuda"), method)
+    rank_deficient = torch.randn(6, 50, device="cuda")
+    rank_deficient[3] = 0
+    reft_ext.retract_(rank_deficient, method)
 torch.cuda.synchronize()
 print("sanitizer case done")
 PY

@@ -31,16 +31,15 @@ REFT_HD acc_t unit_roundoff() {
 }
 
 // Cholesky S = L Lᵀ of the r×r symmetric S, in place (lower triangle; the upper is zeroed).
-// False when a pivot is not safely positive relative to its diagonal entry: then S Gram of an
-// ill-conditioned or rank-deficient R, and CholeskyQR would lose orthogonality.
+// False when a pivot is at most min_ratio times its diagonal entry: a pivot ratio near 1/κ(R)²
+// means CholeskyQR would lose orthogonality (see cholqr_min_pivot_ratio).
 template <typename acc_t>
-REFT_HD bool cholesky_lower(acc_t* S, int64_t r) {
-  const acc_t threshold = acc_t(16) * static_cast<acc_t>(r) * unit_roundoff<acc_t>();
+REFT_HD bool cholesky_lower(acc_t* S, int64_t r, acc_t min_ratio) {
   for (int64_t j = 0; j < r; ++j) {
     acc_t pivot = S[j * r + j];
     const acc_t scale = pivot;
     for (int64_t m = 0; m < j; ++m) pivot -= S[j * r + m] * S[j * r + m];
-    if (!(scale > acc_t(0)) || !(pivot > threshold * scale)) return false;
+    if (!(scale > acc_t(0)) || !(pivot > min_ratio * scale)) return false;
     const acc_t diagonal = std::sqrt(pivot);
     S[j * r + j] = diagonal;
     for (int64_t i = j + 1; i < r; ++i) {
@@ -51,6 +50,48 @@ REFT_HD bool cholesky_lower(acc_t* S, int64_t r) {
     for (int64_t i = 0; i < j; ++i) S[i * r + j] = acc_t(0);
   }
   return true;
+}
+
+// Pivot-ratio bounds of the two CholeskyQR passes. Pass 1 accepts κ(R) up to about u^-1/4 (64 in
+// float32, 1e4 in float64), where its output is orthonormal to about √u and pass 2 restores
+// rounding-level orthonormality; harder inputs go to Householder QR. Pass 2 expects a Gram matrix
+// near the identity. R Rᵀ of a typical optimizer step has κ ≈ 1, far inside both bounds.
+template <typename acc_t>
+REFT_HD acc_t cholqr_min_pivot_ratio(int pass) {
+  return pass == 0 ? std::sqrt(unit_roundoff<acc_t>()) : acc_t(0.5);
+}
+
+// R ← 2^-e R with 2^e the power of two at or above max|R| (exact), when max|R| lies outside
+// [2^-50, 2^50]: the Gram matrix and the Householder norms then neither overflow nor underflow (in
+// float32 too, for d up to 2^20). Inside that range, the common case, R is left as it is.
+// Orthonormal factors are scale-invariant.
+template <typename acc_t>
+REFT_HD void normalize_scale(acc_t* R, int64_t n, acc_t max_abs, int64_t begin, int64_t step) {
+  const acc_t low = std::ldexp(acc_t(1), -50), high = std::ldexp(acc_t(1), 50);
+  if (!(max_abs > acc_t(0)) || (max_abs >= low && max_abs <= high)) return;
+  int exponent = 0;
+  std::frexp(max_abs, &exponent);
+  const acc_t factor = std::ldexp(acc_t(1), -exponent);
+  for (int64_t e = begin; e < n; e += step) R[e] *= factor;
+}
+
+// max |x[e]| over x[begin], x[begin + step], ... < n (x finite). Lane-wise compare-selects, which
+// the CPU compiler vectorizes (a scalar floating-point max reduction it would not).
+template <typename acc_t>
+REFT_HD acc_t max_abs_strided(const acc_t* x, int64_t n, int64_t begin, int64_t step) {
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t e = begin;
+  for (; e + (kLanes - 1) * step < n; e += kLanes * step) {
+    for (int v = 0; v < kLanes; ++v) {
+      const acc_t value = std::fabs(x[e + v * step]);
+      lanes[v] = value > lanes[v] ? value : lanes[v];
+    }
+  }
+  for (; e < n; e += step) lanes[0] = std::fabs(x[e]) > lanes[0] ? std::fabs(x[e]) : lanes[0];
+  acc_t largest = 0;
+  for (int v = 0; v < kLanes; ++v) largest = lanes[v] > largest ? lanes[v] : largest;
+  return largest;
 }
 
 // R ← L⁻¹ R for the lower-triangular L (r×r), on the columns begin, begin + Step, ... < end.
@@ -86,13 +127,19 @@ REFT_HD void matmul_small(const acc_t* A, const acc_t* B, acc_t* C, int64_t r) {
 template <typename acc_t>
 REFT_HD void householder_rows(acc_t* R, acc_t* T, acc_t* work, int64_t r, int64_t d) {
   for (int64_t j = 0; j < r; ++j) {
+    // v = x / max|x| before squaring, so that tiny remainders (a rank-deficient R) still give an
+    // accurately orthogonal reflector.
     acc_t* v = work + j * d;
+    acc_t largest = 0;
+    for (int64_t c = j; c < d; ++c) largest = std::fmax(largest, std::fabs(R[j * d + c]));
+    for (int64_t c = 0; c < d; ++c) v[c] = acc_t(0);
+    if (largest == acc_t(0)) continue;  // zero column: the identity reflector (v stays zero)
     acc_t norm2 = 0;
-    for (int64_t c = j; c < d; ++c) norm2 += R[j * d + c] * R[j * d + c];
-    const acc_t norm = std::sqrt(norm2);
-    for (int64_t c = 0; c < d; ++c) v[c] = c >= j ? R[j * d + c] : acc_t(0);
-    if (norm == acc_t(0)) continue;  // zero column: the identity reflector (v stays zero)
-    v[j] += v[j] >= acc_t(0) ? norm : -norm;
+    for (int64_t c = j; c < d; ++c) {
+      v[c] = R[j * d + c] / largest;
+      norm2 += v[c] * v[c];
+    }
+    v[j] += v[j] >= acc_t(0) ? std::sqrt(norm2) : -std::sqrt(norm2);
     acc_t beta = 0;
     for (int64_t c = j; c < d; ++c) beta += v[c] * v[c];
     for (int64_t i = j; i < r; ++i) {
@@ -165,28 +212,47 @@ REFT_HD bool invert_small(acc_t* A, acc_t* inv, int64_t r) {
   return true;
 }
 
-// X ← polar factor of the r×r X (Newton: X ← (X + X⁻ᵀ)/2 until it settles). work: 2·r×r.
-// False (X unchanged in meaning) when X is singular: the polar factor is then not unique.
+// X ← polar factor of the lower-triangular r×r X by Newton's iteration X ← (γX + X⁻ᵀ/γ)/2 with
+// Higham's scaling γ = (‖X⁻¹‖_F / ‖X‖_F)^1/2 (dropped near convergence). work: 2·r×r. Returns false
+// and leaves the result undefined when X is numerically singular (diagonal ratio below √u: the
+// polar factor of a rank-deficient R is not unique) or the iteration does not settle.
 template <typename acc_t>
 REFT_HD bool polar_small(acc_t* X, acc_t* work, int64_t r) {
+  acc_t smallest = std::fabs(X[0]), largest = std::fabs(X[0]);
+  for (int64_t i = 1; i < r; ++i) {
+    smallest = std::fmin(smallest, std::fabs(X[i * r + i]));
+    largest = std::fmax(largest, std::fabs(X[i * r + i]));
+  }
+  if (!(smallest > std::sqrt(unit_roundoff<acc_t>()) * largest)) return false;
   acc_t* A = work;
   acc_t* inv = work + r * r;
   const acc_t tolerance = acc_t(4) * static_cast<acc_t>(r) * unit_roundoff<acc_t>();
-  for (int iteration = 0; iteration < 100; ++iteration) {
+  bool scaled = true;
+  for (int iteration = 0; iteration < 50; ++iteration) {
     for (int64_t e = 0; e < r * r; ++e) A[e] = X[e];
     if (!invert_small(A, inv, r)) return false;
+    acc_t gamma = 1;
+    if (scaled) {
+      acc_t x2 = 0, inv2 = 0;
+      for (int64_t e = 0; e < r * r; ++e) {
+        x2 += X[e] * X[e];
+        inv2 += inv[e] * inv[e];
+      }
+      gamma = std::sqrt(std::sqrt(inv2 / x2));
+    }
     acc_t change = 0, size = 0;
     for (int64_t i = 0; i < r; ++i) {
       for (int64_t j = 0; j < r; ++j) {
-        const acc_t next = acc_t(0.5) * (X[i * r + j] + inv[j * r + i]);
+        const acc_t next = acc_t(0.5) * (gamma * X[i * r + j] + inv[j * r + i] / gamma);
         change += (next - X[i * r + j]) * (next - X[i * r + j]);
         size += next * next;
         X[i * r + j] = next;
       }
     }
+    if (change <= acc_t(1e-4) * size) scaled = false;
     if (change <= tolerance * tolerance * size) return true;
   }
-  return true;
+  return false;
 }
 
 // out ← X R for the r×r X, on columns begin, begin + Step, ... < d (out distinct from R).
@@ -247,11 +313,12 @@ REFT_HD void retract_matrix(acc_t* R, int64_t r, int64_t d, Method method, acc_t
   acc_t* tmp = small + 2 * r * r;  // 3 r×r: products and the polar iteration
   const bool polar = method == kPolar;
   if (polar) set_identity(T, r);
+  normalize_scale(R, r * d, max_abs_strided(R, r * d, 0, 1), 0, 1);
   int passes = 0;
   if (method != kQR) {
     for (; passes < 2; ++passes) {
       gram_rows(R, S, r, d);
-      if (!cholesky_lower(S, r)) break;
+      if (!cholesky_lower(S, r, cholqr_min_pivot_ratio<acc_t>(passes))) break;
       // Column chunks whose r rows stay in L1 while every row of the chunk is solved.
       constexpr int64_t kChunk = 256;
       for (int64_t c = 0; c < d; c += kChunk) {

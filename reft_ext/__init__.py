@@ -15,7 +15,13 @@ from . import ops  # noqa: F401  (loads the compiled library and registers fake 
 from .functional import direft, loreft, lowrank_edit
 from .modules import ConsReFT, DiReFT, LoBiReFT, LoReFT, NoReFT
 from .ops import cuda_available
-from .retraction import keep_orthonormal, mark_stiefel, project_tangent, retract_
+from .retraction import (
+    StiefelParameter,
+    keep_orthonormal,
+    mark_stiefel,
+    project_tangent,
+    retract_,
+)
 
 __version__ = "0.1.0"
 
@@ -25,6 +31,7 @@ __all__ = [
     "LoBiReFT",
     "LoReFT",
     "NoReFT",
+    "StiefelParameter",
     "keep_orthonormal",
     "mark_stiefel",
     "__version__",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import loreft, lowrank_edit
-from .retraction import mark_stiefel
+from .retraction import StiefelParameter
 
 _ORTHOGONALITY = ("retraction", "parametrization", None)
 
@@ -62,24 +62,23 @@ class _Intervention(nn.Module):
         self.embed_dim, self.rank, self.dropout = embed_dim, rank, dropout
         self.orthogonality = orthogonality
         factory = {"dtype": dtype or torch.float32, "device": device}
-        self.R = nn.Parameter(torch.empty(rank, embed_dim, **factory))
+        R = torch.empty(rank, embed_dim, **factory)
+        self.R = StiefelParameter(R) if orthogonality == "retraction" else nn.Parameter(R)
         if self.has_source_weight:
             self.W = nn.Parameter(torch.empty(rank, embed_dim, **factory))
         self.b = nn.Parameter(torch.empty(rank, **factory))
         self.reset_parameters()
-        if orthogonality == "retraction":
-            mark_stiefel(self.R)
-        elif orthogonality == "parametrization":
+        if orthogonality == "parametrization":
             nn.utils.parametrizations.orthogonal(self, "R")
 
     def reset_parameters(self) -> None:
         """R: random orthonormal rows; W, b: as pyreft's ``nn.Linear(embed_dim, rank)`` source."""
         with torch.no_grad():
-            R = torch.linalg.qr(torch.randn(self.embed_dim, self.rank, dtype=torch.float64))[0]
-            target = (
-                self.parametrizations.R.original if hasattr(self, "parametrizations") else self.R
-            )
-            target.copy_(R.T)
+            Q = torch.linalg.qr(torch.randn(self.embed_dim, self.rank, dtype=torch.float64))[0]
+            if hasattr(self, "parametrizations"):  # set through the parametrization's inverse
+                self.R = Q.T.to(self.b.dtype)
+            else:
+                self.R.copy_(Q.T)
             bound = 1.0 / math.sqrt(self.embed_dim)
             if self.has_source_weight:
                 nn.init.kaiming_uniform_(self.W, a=math.sqrt(5))

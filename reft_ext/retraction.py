@@ -83,8 +83,25 @@ def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 _STIEFEL_FLAG = "reft_stiefel"
 
 
+class StiefelParameter(torch.nn.Parameter):
+    """A parameter (r, d) whose rows :func:`keep_orthonormal` keeps orthonormal by default.
+
+    The mark survives ``copy.deepcopy`` (which keeps the class) and pickling (which keeps the
+    attribute set here); the modules create their R as one.
+    """
+
+    def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = True):
+        param = super().__new__(cls, data, requires_grad)
+        setattr(param, _STIEFEL_FLAG, True)
+        return param
+
+
 def mark_stiefel(param: torch.nn.Parameter) -> torch.nn.Parameter:
-    """Mark ``param`` (r, d) as kept orthonormal by :func:`keep_orthonormal`'s default selection."""
+    """Mark an existing ``param`` (r, d) for :func:`keep_orthonormal`'s default selection.
+
+    The mark is an attribute: pickling keeps it, ``copy.deepcopy`` does not (use
+    :class:`StiefelParameter` for parameters that get copied).
+    """
     setattr(param, _STIEFEL_FLAG, True)
     return param
 

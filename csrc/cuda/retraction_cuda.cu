@@ -48,6 +48,22 @@ __device__ void block_gram(const acc_t* R, acc_t* S, int64_t r, int64_t d) {
   }
 }
 
+// max |x[e]| over n values, returned to every thread of the block.
+template <typename acc_t>
+__device__ acc_t block_max_abs(const acc_t* x, int64_t n) {
+  __shared__ acc_t warp_max[kWarps];
+  acc_t value = retraction::max_abs_strided(x, n, threadIdx.x, kThreads);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  }
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = value;
+  __syncthreads();
+  value = 0;
+  for (int w = 0; w < kWarps; ++w) value = fmax(value, warp_max[w]);
+  return value;
+}
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     retract_kernel(acc_t* values, acc_t* work_all, acc_t* small_all, int64_t r, int64_t d,
@@ -63,6 +79,8 @@ __global__ void __launch_bounds__(kThreads)
   const bool polar = method == kPolar;
   const bool leader = threadIdx.x == 0;
   if (polar && leader) set_identity(T, r);
+  const acc_t max_abs = block_max_abs(R, r * d);
+  normalize_scale(R, r * d, max_abs, threadIdx.x, kThreads);
   int passes = 0;
   if (method != kQR) {
     for (; passes < 2; ++passes) {
@@ -70,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
       block_gram(R, S, r, d);
       __syncthreads();
       if (leader) {
-        ok = cholesky_lower(S, r);
+        ok = cholesky_lower(S, r, cholqr_min_pivot_ratio<acc_t>(passes));
         if (ok && polar) multiply_into(T, S, tmp, r);
       }
       __syncthreads();

@@ -1,0 +1,644 @@
+"""Tests of the orthogonal retraction: retract_, project_tangent and keep_orthonormal.
+
+Every check is against an independent float64 truth written here: the QR factor of torch.linalg.qr
+with the signs fixed so that the triangular factor has a positive diagonal, the polar factor U Vᵀ of
+torch.linalg.svd, and the tangent projection G − sym(G Rᵀ) R written with einsum.
+"""
+
+import math
+
+import pytest
+import torch
+
+import reft_ext
+from reft_ext.retraction import is_stiefel
+
+METHODS = ["cholqr2", "qr", "polar"]
+ROW_SPACE_METHODS = ["cholqr2", "qr"]  # those that return the sign-fixed QR factor
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+ALL_DTYPES = [torch.float64, torch.float32, *LOW_PRECISION]
+
+# max |R Rᵀ − I| allowed for a result of each dtype (low precision: after rounding the rows).
+ORTH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# Relative tolerances of a computed factor against the float64 truth, for well-conditioned input.
+MATCH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent float64 truth and measures
+
+
+def orth_error(Q):
+    """max |Q Qᵀ − I| in float64, for (r, d) or (k, r, d)."""
+    Q = Q.detach().to(torch.float64)
+    eye = torch.eye(Q.shape[-2], dtype=torch.float64, device=Q.device)
+    return (Q @ Q.mT - eye).abs().max().item()
+
+
+def qr_truth(R):
+    """The Q with orthonormal rows and R = T Q, T lower triangular with diag(T) > 0 (float64)."""
+    Q, T = torch.linalg.qr(R.detach().to(torch.float64).mT)
+    signs = torch.sign(torch.diagonal(T, dim1=-2, dim2=-1))
+    signs[signs == 0] = 1
+    return (Q * signs.unsqueeze(-2)).mT
+
+
+def polar_truth(R):
+    """U Vᵀ of the thin SVD R = U S Vᵀ (float64)."""
+    U, _, Vh = torch.linalg.svd(R.detach().to(torch.float64), full_matrices=False)
+    return U @ Vh
+
+
+def row_space_residual(R0, Q):
+    """‖R0 − R0 Qᵀ Q‖ / ‖R0‖ in float64: 0 when every row of R0 lies in Q's row space."""
+    R0, Q = R0.detach().to(torch.float64), Q.detach().to(torch.float64)
+    return ((R0 - R0 @ Q.mT @ Q).norm() / R0.norm()).item()
+
+
+def max_rel(actual, expected):
+    """max |actual − expected| / max |expected|, in float64."""
+    actual, expected = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
+
+
+def tangent_truth(R, G):
+    """G − sym(G Rᵀ) R in float64, with einsum."""
+    R, G = R.detach().to(torch.float64), G.detach().to(torch.float64)
+    A = torch.einsum("...id,...jd->...ij", G, R)
+    return G - torch.einsum("...ij,...jd->...id", 0.5 * (A + A.mT), R)
+
+
+def ill_conditioned(shape, kappa, generator):
+    """R = U diag(s) Vᵀ with singular values log-spaced from 1 to 1/kappa, float64."""
+    *batch, r, d = shape
+    U = torch.linalg.qr(torch.randn(*batch, r, r, dtype=torch.float64, generator=generator))[0]
+    V = torch.linalg.qr(torch.randn(*batch, d, r, dtype=torch.float64, generator=generator))[0]
+    s = torch.logspace(0, -math.log10(kappa), r, dtype=torch.float64)
+    return U @ torch.diag_embed(s.expand(*batch, r)) @ V.mT
+
+
+def rand(shape, dtype, device):
+    return torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# retract_: exact results against the references
+
+
+SHAPES = [(1, 1), (1, 7), (3, 3), (4, 64), (8, 32), (16, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method", ROW_SPACE_METHODS)
+def test_qr_methods_keep_row_space_and_match_sign_fixed_qr(device, method, shape, dtype):
+    R0 = rand(shape, dtype, device)
+    R = R0.clone()
+    out = reft_ext.retract_(R, method)
+    assert out is R and out.dtype == dtype and out.shape == shape
+    assert torch.isfinite(out).all()
+    assert orth_error(out) <= ORTH_TOL[dtype]
+    assert row_space_residual(R0, out) <= MATCH_TOL[dtype]
+    assert max_rel(out, qr_truth(R0)) <= MATCH_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_polar_matches_svd_and_is_closest(device, shape, dtype):
+    R0 = rand(shape, dtype, device)
+    polar = reft_ext.retract_(R0.clone(), "polar")
+    assert polar.dtype == dtype and torch.isfinite(polar).all()
+    assert orth_error(polar) <= ORTH_TOL[dtype]
+    assert max_rel(polar, polar_truth(R0)) <= MATCH_TOL[dtype]
+    assert row_space_residual(R0, polar) <= MATCH_TOL[dtype]
+    # The polar factor is the closest matrix with orthonormal rows: at least as close as QR's.
+    qr = reft_ext.retract_(R0.clone(), "qr")
+    R64 = R0.to(torch.float64)
+    slack = 10 * MATCH_TOL[dtype] * R64.norm().item()
+    assert (polar.double() - R64).norm().item() <= (qr.double() - R64).norm().item() + slack
+
+
+def test_cholqr2_and_qr_agree(device):
+    R0 = rand((6, 40), torch.float64, device)
+    a = reft_ext.retract_(R0.clone(), "cholqr2")
+    b = reft_ext.retract_(R0.clone(), "qr")
+    assert max_rel(a, b) <= 1e-13
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_orthonormal_input_is_a_fixed_point(device, method):
+    Q = qr_truth(rand((5, 30), torch.float64, device))  # positive-diagonal QR factor of itself
+    out = reft_ext.retract_(Q.clone(), method)
+    assert max_rel(out, Q) <= 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", METHODS)
+def test_scaling_the_rows_does_not_change_the_result(device, method, dtype):
+    """retract(T R) depends on R only through its row space (QR) or polar factor: T = c·I, c > 0."""
+    R0 = rand((4, 16), torch.float64, device)
+    expected = reft_ext.retract_(R0.to(dtype), method).double()
+    for scale in (1e-3, 1e3, 1e-20, 1e20) if dtype == torch.float32 else (1e-150, 1e150):
+        out = reft_ext.retract_((R0 * scale).to(dtype), method)
+        assert torch.isfinite(out).all(), f"scale {scale}: non-finite result"
+        assert orth_error(out) <= ORTH_TOL[dtype], f"scale {scale}"
+        assert (out.double() - expected).abs().max().item() <= 10 * MATCH_TOL[dtype], scale
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank-deficient and ill-conditioned input
+
+
+def _rank_deficient_cases(dtype, device):
+    x = torch.randn(6, 20, dtype=torch.float64)
+    square = torch.randn(5, 5, dtype=torch.float64)
+    cases = {}
+    cases["zero_row"] = x.clone()
+    cases["zero_row"][2] = 0
+    cases["repeated_rows"] = x.clone()
+    cases["repeated_rows"][3] = x[1]
+    cases["repeated_rows"][5] = x[1]
+    cases["scaled_row"] = x.clone()
+    cases["scaled_row"][4] = -3 * x[0]
+    cases["linear_combination"] = x.clone()
+    cases["linear_combination"][5] = x[0] + 2 * x[1]
+    cases["all_rows_equal"] = x[:1].repeat(6, 1)
+    cases["all_rows_constant"] = torch.full((8, 64), 0.3, dtype=torch.float64)
+    cases["all_zero"] = torch.zeros(6, 20, dtype=torch.float64)
+    cases["square_full_rank"] = square.clone()
+    cases["square_repeated"] = square.clone()
+    cases["square_repeated"][4] = square[0]
+    cases["square_all_rows_equal"] = square[:1].repeat(5, 1)
+    cases["square_all_zero"] = torch.zeros(5, 5, dtype=torch.float64)
+    # the rows that must survive in the result's row space (None: skip that check)
+    keep = {
+        "zero_row": [0, 1, 3, 4, 5],
+        "repeated_rows": [0, 1, 2, 4],
+        "scaled_row": [0, 1, 2, 3, 5],
+        "linear_combination": [0, 1, 2, 3, 4],
+        "all_rows_equal": [0],
+        "all_rows_constant": [0],
+        "all_zero": None,
+        "square_full_rank": [0, 1, 2, 3, 4],
+        "square_repeated": [0, 1, 2, 3],
+        "square_all_rows_equal": [0],
+        "square_all_zero": None,
+    }
+    return {name: (R.to(device=device, dtype=dtype), keep[name]) for name, R in cases.items()}
+
+
+RANK_DEFICIENT = list(_rank_deficient_cases(torch.float64, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", RANK_DEFICIENT)
+def test_rank_deficient_input_gives_orthonormal_rows(device, case, method, dtype):
+    R0, keep = _rank_deficient_cases(dtype, device)[case]
+    out = reft_ext.retract_(R0.clone(), method)
+    assert out.dtype == dtype and out.shape == R0.shape
+    assert torch.isfinite(out).all()
+    assert orth_error(out) <= ORTH_TOL[dtype]
+    if keep is not None and method in ROW_SPACE_METHODS:
+        # the row space of the non-degenerate rows is contained in the result's
+        assert row_space_residual(R0[keep], out) <= MATCH_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [3, 4, 6, 8])
+@pytest.mark.parametrize("method", METHODS)
+def test_square_matrices_of_repeated_rows(device, method, n, dtype):
+    """r == d with every row equal (rank one), for 64 random rows retracted in one batch call."""
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.randn(64, 1, n, dtype=torch.float64, generator=gen)
+    R0 = rows.expand(64, n, n).to(device=device, dtype=dtype)
+    out = reft_ext.retract_(R0.clone(), method)
+    assert torch.isfinite(out).all()
+    Q = out.double()
+    errors = (Q @ Q.mT - torch.eye(n, dtype=torch.float64, device=device)).abs().amax((-2, -1))
+    bad = (errors > ORTH_TOL[dtype]).sum().item()
+    assert bad == 0, f"{bad}/64 not orthonormal, worst error {errors.max().item():.2e}"
+    if method in ROW_SPACE_METHODS:
+        for i in range(64):  # the repeated row stays in the row space
+            assert row_space_residual(R0[i, :1], out[i]) <= MATCH_TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kappa"),
+    [
+        (torch.float64, 1e3),
+        (torch.float64, 1e6),
+        (torch.float64, 1e9),  # beyond u^-1/2: CholeskyQR2 must fall back to Householder
+        (torch.float32, 1e3),
+        (torch.float32, 1e5),
+    ],
+)
+@pytest.mark.parametrize("shape", [(4, 64), (8, 32), (6, 6)])
+@pytest.mark.parametrize("method", METHODS)
+def test_ill_conditioned_input(device, method, shape, dtype, kappa):
+    gen = torch.Generator().manual_seed(1)
+    R0 = ill_conditioned((5, *shape), kappa, gen).to(device=device, dtype=dtype)
+    out = reft_ext.retract_(R0.clone(), method)
+    assert torch.isfinite(out).all()
+    assert orth_error(out) <= ORTH_TOL[dtype]
+    R64, Q = R0.to(torch.float64).cpu(), out.to(torch.float64).cpu()
+    # Backward stability: R0 + E = T Q with ‖E‖ ~ u‖R0‖ whatever κ, so the residual of projecting R0
+    # onto Q's row space is κ-independent, and T = R0 Qᵀ is lower triangular (cholqr2, qr) with a
+    # positive diagonal, up to ‖E‖.
+    for i in range(R64.shape[0]):
+        assert row_space_residual(R64[i], Q[i]) <= MATCH_TOL[dtype]
+    if method in ROW_SPACE_METHODS:
+        T = R64 @ Q.mT
+        scale = R64.norm(dim=(-2, -1)).max().item()
+        assert torch.triu(T, 1).abs().max().item() <= MATCH_TOL[dtype] * scale
+        assert (torch.diagonal(T, dim1=-2, dim2=-1) > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "low", "high"), [(torch.float64, 6.0, 16.0), (torch.float32, 2.0, 9.0)]
+)
+@pytest.mark.parametrize("shape", [(3, 3), (4, 16), (8, 32)])
+@pytest.mark.parametrize("method", METHODS)
+def test_numerically_singular_input_sweep(device, method, shape, dtype, low, high):
+    """κ swept through and beyond the CholeskyQR2 breakdown (u^-1/2) up to numerically singular.
+
+    Every matrix must still come back with orthonormal rows: either CholeskyQR2 succeeds or the
+    Householder fallback runs. The batch is retracted in one call (equal to separate calls).
+    """
+    gen = torch.Generator().manual_seed(2)
+    exponents = torch.arange(low, high, 0.05).tolist()
+    R0 = torch.cat([ill_conditioned((8, *shape), 10.0**e, gen) for e in exponents]).to(
+        device=device, dtype=dtype
+    )
+    out = reft_ext.retract_(R0.clone(), method)
+    assert torch.isfinite(out).all()
+    Q = out.double()
+    errors = (Q @ Q.mT - torch.eye(shape[0], dtype=torch.float64, device=device)).abs()
+    errors = errors.amax(dim=(-2, -1))
+    worst = int(errors.argmax())
+    assert errors[worst].item() <= ORTH_TOL[dtype], (
+        f"κ = 1e{exponents[worst // 8]:.2f}, matrix {worst}: orthonormality error "
+        f"{errors[worst].item():.2e}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches, strides, low precision
+
+
+def _mixed_batch(dtype, device):
+    gen = torch.Generator().manual_seed(3)
+    batch = torch.randn(6, 4, 24, dtype=torch.float64, generator=gen)
+    batch[1, 2] = 0  # zero row
+    batch[2, 3] = batch[2, 0]  # repeated row
+    batch[3] = 0  # all zero
+    batch[4] = ill_conditioned((4, 24), 1e6, gen)
+    return batch.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_equals_separate_retractions(device, method, dtype):
+    batch = _mixed_batch(dtype, device)
+    together = reft_ext.retract_(batch.clone(), method)
+    separate = torch.stack([reft_ext.retract_(m.clone(), method) for m in batch])
+    if device == "cpu":
+        assert torch.equal(together, separate)
+    else:
+        assert max_rel(together, separate) <= MATCH_TOL[dtype]
+    single = reft_ext.retract_(batch[:1].clone(), method)  # k = 1
+    assert max_rel(single[0], separate[0]) <= (0.0 if device == "cpu" else MATCH_TOL[dtype])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_contiguous_input_is_written_back(device, method):
+    base = rand((24, 5), torch.float32, device)
+    R = base.T  # (5, 24), not contiguous
+    assert not R.is_contiguous()
+    expected = reft_ext.retract_(R.contiguous().clone(), method)
+    out = reft_ext.retract_(R, method)
+    assert out is R
+    assert torch.equal(R, expected) and torch.equal(base, expected.T)
+    # a batch (k, r, d) as a permuted view
+    base3 = rand((5, 3, 24), torch.float64, device)
+    R3 = base3.permute(1, 0, 2)
+    expected3 = reft_ext.retract_(R3.contiguous().clone(), method)
+    reft_ext.retract_(R3, method)
+    assert torch.equal(R3, expected3)
+    # a strided slice: only the selected rows change
+    big = rand((8, 24), torch.float64, device)
+    untouched = big[1::2].clone()
+    reft_ext.retract_(big[::2], method)
+    assert orth_error(big[::2]) <= ORTH_TOL[torch.float64]
+    assert torch.equal(big[1::2], untouched)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("method", METHODS)
+def test_low_precision(device, method, dtype):
+    R0 = rand((4, 64), dtype, device)
+    out = reft_ext.retract_(R0.clone(), method)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert orth_error(out) <= ORTH_TOL[dtype]
+    # computed in float32 and rounded once
+    assert torch.equal(out, reft_ext.retract_(R0.float(), method).to(dtype))
+    truth = polar_truth(R0) if method == "polar" else qr_truth(R0)
+    assert max_rel(out, truth) <= MATCH_TOL[dtype]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input and the raw op
+
+
+def test_nan_and_inf_raise(device):
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        R = rand((3, 8), torch.float32, device)
+        R[1, 4] = bad
+        before = R.clone()
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            reft_ext.retract_(R)
+        assert torch.equal(R.nan_to_num(0.0), before.nan_to_num(0.0))  # left untouched
+    # check_finite=False skips the check (no exception; the result is unspecified)
+    R = rand((3, 8), torch.float32, device)
+    R[0, 0] = float("nan")
+    reft_ext.retract_(R, check_finite=False)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: [[1.0, 0.0]], TypeError, "torch.Tensor"),
+        (lambda: torch.randn(5), ValueError, "shape"),
+        (lambda: torch.randn(2, 2, 3, 4), ValueError, "shape"),
+        (lambda: torch.randn(4, 3), ValueError, "r <= d"),
+        (lambda: torch.randn(2, 4, 3), ValueError, "r <= d"),
+        (lambda: torch.randn(0, 3), ValueError, "1 <= r"),
+        (lambda: torch.ones(2, 3, dtype=torch.int64), ValueError, "float"),
+        (lambda: torch.ones(2, 3, dtype=torch.complex64), ValueError, "float"),
+    ],
+)
+def test_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        reft_ext.retract_(make())
+
+
+def test_bad_method():
+    with pytest.raises(ValueError, match="method"):
+        reft_ext.retract_(torch.randn(2, 3), "svd")
+    with pytest.raises(ValueError, match="method"):
+        reft_ext.retract_(torch.randn(2, 3), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 7), (2, 3, 5)])
+@pytest.mark.parametrize("method", [0, 1, 2])
+def test_opcheck(device, method, shape, dtype):
+    R = rand(shape, dtype, device)
+    torch.library.opcheck(torch.ops.reft_ext.retract_.default, (R, method))
+
+
+def test_raw_op_checks_its_arguments():
+    op = torch.ops.reft_ext.retract_
+    with pytest.raises(RuntimeError, match="method"):
+        op(torch.randn(2, 3), 3)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(3, 2).T, 0)
+    with pytest.raises(RuntimeError, match="shape"):
+        op(torch.randn(3), 0)
+    with pytest.raises(RuntimeError, match="r <= d"):
+        op(torch.randn(3, 2), 0)
+    with pytest.raises(RuntimeError, match="float"):
+        op(torch.ones(2, 3, dtype=torch.int32), 0)
+
+
+def test_raw_op_matches_wrapper(device):
+    R0 = rand((3, 4, 9), torch.float64, device)
+    for name, code in (("cholqr2", 0), ("qr", 1), ("polar", 2)):
+        raw = R0.clone()
+        assert torch.ops.reft_ext.retract_(raw, code) is None
+        assert torch.equal(raw, reft_ext.retract_(R0.clone(), name))
+
+
+# --------------------------------------------------------------------------------------------------
+# project_tangent
+
+
+@pytest.mark.parametrize("shape", [(4, 32), (3, 5, 12), (6, 6)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_project_tangent_matches_formula(device, dtype, shape):
+    R = rand(shape, dtype, device)  # any R for the formula
+    G = rand(shape, dtype, device)
+    X = reft_ext.project_tangent(R, G)
+    assert X.dtype == dtype and X.shape == shape
+    assert max_rel(X, tangent_truth(R, G)) <= MATCH_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_project_tangent_gives_tangent_vectors(device, dtype):
+    R = qr_truth(rand((5, 4, 32), torch.float64, device))  # orthonormal rows
+    G = rand((5, 4, 32), torch.float64, device)
+    X = reft_ext.project_tangent(R.to(dtype), G.to(dtype))
+    assert X.dtype == dtype
+    Rq, X64 = R.to(dtype).double(), X.double()
+    A = X64 @ Rq.mT
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    assert (0.5 * (A + A.mT)).abs().max().item() <= tol * G.abs().max().item()
+    if dtype == torch.float64:
+        # a projection: idempotent, and the identity on tangent vectors
+        assert max_rel(reft_ext.project_tangent(R, X), X) <= 1e-12
+        skew = torch.randn(5, 4, 4, dtype=torch.float64, device=device)
+        T = (skew - skew.mT) @ R + G - G @ R.mT @ R  # skew part + normal part: tangent
+        assert max_rel(reft_ext.project_tangent(R, T), T) <= 1e-12
+
+
+def test_project_tangent_shape_mismatch():
+    with pytest.raises(ValueError, match="shape"):
+        reft_ext.project_tangent(torch.randn(3, 8), torch.randn(3, 9))
+
+
+# --------------------------------------------------------------------------------------------------
+# keep_orthonormal
+
+
+def _regression_run(
+    dtype,
+    method="cholqr2",
+    project_grad=False,
+    micro_batches=1,
+    steps=500,
+    device="cpu",
+    retract=True,
+):
+    """LoReFT(64, 4) on a fixed random regression, AdamW(lr=1e-2, weight_decay=0.1).
+
+    Returns (worst orthonormality error over all steps, initial loss, final loss, ‖ΔR‖).
+    """
+    torch.manual_seed(0)
+    model = reft_ext.LoReFT(64, 4, dtype=dtype, device=device)
+    h = torch.randn(32, 64, dtype=torch.float64).to(device=device, dtype=dtype)
+    target = torch.randn(32, 64, dtype=torch.float64).to(device=device, dtype=dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if retract:
+        handle = reft_ext.keep_orthonormal(opt, method=method, project_grad=project_grad)
+        assert [id(p) for p in handle.params] == [id(model.R)]
+    R_start = model.R.detach().clone()
+    worst = orth_error(model.R)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        total = 0.0
+        for hb, tb in zip(h.chunk(micro_batches), target.chunk(micro_batches), strict=True):
+            loss = ((model(hb) - tb) ** 2).mean() / micro_batches
+            loss.backward()
+            total += loss.item()
+        losses.append(total)
+        opt.step()
+        worst = max(worst, orth_error(model.R))  # after EVERY step
+    return worst, losses[0], losses[-1], (model.R.detach() - R_start).norm().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_orthonormal_adamw_500_steps(device, method, dtype):
+    worst, first, last, moved = _regression_run(dtype, method, device=device)
+    assert worst <= ORTH_TOL[dtype]
+    assert last < 0.9 * first  # it did train
+    assert moved > 0.1  # and R did move on the manifold
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("project_grad", "micro_batches"), [(True, 1), (False, 2), (True, 2)])
+def test_keep_orthonormal_project_grad_and_accumulation(device, dtype, project_grad, micro_batches):
+    worst, first, last, moved = _regression_run(
+        dtype, project_grad=project_grad, micro_batches=micro_batches, device=device
+    )
+    assert worst <= ORTH_TOL[dtype]
+    assert last < 0.9 * first and moved > 0.1
+
+
+def test_without_keep_orthonormal_r_drifts():
+    """The control of the test above: the same run without the hooks leaves the manifold."""
+    worst, *_ = _regression_run(torch.float64, steps=50, retract=False)
+    assert worst > 1e-3
+
+
+def test_registration_retracts_and_remove_detaches(device):
+    torch.manual_seed(0)
+    model = reft_ext.LoReFT(16, 3, device=device)
+    with torch.no_grad():
+        model.R.add_(torch.randn_like(model.R))  # off the manifold
+    expected = reft_ext.retract_(model.R.detach().clone())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = reft_ext.keep_orthonormal(opt)
+    assert torch.equal(model.R.detach(), expected)  # retracted at registration
+
+    h = torch.randn(8, 16, device=device)
+    model(h).square().sum().backward()
+    R_before, G = model.R.detach().clone(), model.R.grad.clone()
+    opt.step()
+    assert max_rel(model.R, reft_ext.retract_(R_before - 0.1 * G)) <= 1e-6
+
+    handle.remove()
+    opt.zero_grad()
+    model(h).square().sum().backward()
+    R_before, G = model.R.detach().clone(), model.R.grad.clone()
+    opt.step()
+    assert max_rel(model.R, R_before - 0.1 * G) <= 1e-6  # plain SGD step, no retraction
+    assert orth_error(model.R) > 1e-3
+    handle.remove()  # idempotent
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_project_grad_step_is_riemannian_sgd(device, method):
+    """SGD + project_grad: R ← retract(R − lr·(G − sym(G Rᵀ) R)), checked with the float64 truth."""
+    torch.manual_seed(0)
+    model = reft_ext.LoReFT(16, 3, dtype=torch.float64, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    reft_ext.keep_orthonormal(opt, method=method, project_grad=True)
+    model(torch.randn(8, 16, dtype=torch.float64, device=device)).square().sum().backward()
+    R, G = model.R.detach().clone(), model.R.grad.clone()
+    opt.step()
+    tangent = tangent_truth(R, G)
+    assert max_rel(model.R.grad, tangent) <= 1e-12  # the grad was replaced before the step
+    moved = R - 0.05 * tangent
+    truth = polar_truth(moved) if method == "polar" else qr_truth(moved)
+    assert max_rel(model.R, truth) <= 1e-12
+    # W and b got the plain gradient step
+    assert model.W.grad is not None
+
+
+def test_grouped_retraction_equals_separate(device):
+    """Parameters of equal shape are retracted in one batched call: same values as one by one."""
+    torch.manual_seed(0)
+    models = [reft_ext.LoReFT(16, 3, device=device) for _ in range(3)]
+    models.append(reft_ext.LoBiReFT(16, 2, device=device))
+    copies = [type(m)(16, m.rank, device=device) for m in models]
+    for m, c in zip(models, copies, strict=True):
+        c.load_state_dict(m.state_dict())
+    params = [p for m in models for p in m.parameters()]
+    copy_params = [p for c in copies for p in c.parameters()]
+    opt = torch.optim.Adam(params, lr=0.05)
+    opt_copy = torch.optim.Adam(copy_params, lr=0.05)
+    handle = reft_ext.keep_orthonormal(opt)
+    assert {id(p) for p in handle.params} == {id(m.R) for m in models}
+    for c in copies:
+        reft_ext.retract_(c.R.data)
+    h = torch.randn(5, 16, device=device)
+    for _ in range(3):
+        for group, optimizer in ((models, opt), (copies, opt_copy)):
+            optimizer.zero_grad()
+            sum(m(h).square().sum() for m in group).backward()
+            optimizer.step()
+        for c in copies:
+            reft_ext.retract_(c.R.data)
+    for m, c in zip(models, copies, strict=True):
+        assert max_rel(m.R, c.R) <= (0.0 if device == "cpu" else 1e-6)
+        assert orth_error(m.R) <= ORTH_TOL[torch.float32]
+
+
+def test_explicit_params_and_mark_stiefel(device):
+    R = torch.nn.Parameter(torch.randn(3, 10, device=device))
+    other = torch.nn.Parameter(torch.randn(2, 10, device=device))
+    opt = torch.optim.SGD([R, other], lr=0.1)
+    with pytest.raises(ValueError, match="mark_stiefel"):
+        reft_ext.keep_orthonormal(opt)
+    handle = reft_ext.keep_orthonormal(opt, params=[R])
+    assert orth_error(R) <= ORTH_TOL[torch.float32]
+    assert orth_error(other) > 0.1  # not selected
+    handle.remove()
+    assert reft_ext.mark_stiefel(other) is other and is_stiefel(other) and not is_stiefel(R)
+    handle = reft_ext.keep_orthonormal(opt)
+    assert [id(p) for p in handle.params] == [id(other)]
+    assert orth_error(other) <= ORTH_TOL[torch.float32]
+
+
+def test_keep_orthonormal_bad_arguments():
+    model = reft_ext.LoReFT(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="method"):
+        reft_ext.keep_orthonormal(opt, method="householder")
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        reft_ext.keep_orthonormal(opt, params=[torch.nn.Parameter(torch.randn(2, 8))])
+    with pytest.raises(ValueError, match=r"\(r, d\)"):
+        reft_ext.keep_orthonormal(opt, params=[model.b])
+    tall = torch.nn.Parameter(torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"\(r, d\)"):
+        reft_ext.keep_orthonormal(torch.optim.SGD([tall], lr=0.1), params=[tall])
+    free = reft_ext.NoReFT(8, 2)
+    with pytest.raises(ValueError, match="mark_stiefel"):
+        reft_ext.keep_orthonormal(torch.optim.SGD(free.parameters(), lr=0.1))
+
+
+def test_keep_orthonormal_low_precision_params(device):
+    torch.manual_seed(0)
+    model = reft_ext.LoReFT(32, 4, dtype=torch.bfloat16, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    reft_ext.keep_orthonormal(opt)
+    h = torch.randn(16, 32, device=device).bfloat16()
+    for _ in range(20):
+        opt.zero_grad()
+        model(h).float().square().mean().backward()
+        opt.step()
+        assert model.R.dtype == torch.bfloat16
+        assert orth_error(model.R) <= ORTH_TOL[torch.bfloat16]
