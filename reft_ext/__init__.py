@@ -8,11 +8,13 @@ Public API:
     project_tangent(R, G)     Riemannian gradient G − sym(G Rᵀ) R
     keep_orthonormal(opt)     retract marked parameters after every optimizer step
     LoReFT, NoReFT, DiReFT, ConsReFT, LoBiReFT   intervention modules
+    ReftConfig, get_reft_model, ReftModel         Hugging Face drop-in (reft_ext.hf)
     cuda_available()          whether the CUDA kernels were compiled in
 """
 
 from . import ops  # noqa: F401  (loads the compiled library and registers fake kernels)
 from .functional import direft, loreft, lowrank_edit
+from .hf import ReftConfig, ReftModel, get_reft_model
 from .modules import ConsReFT, DiReFT, LoBiReFT, LoReFT, NoReFT
 from .ops import cuda_available
 from .retraction import (
@@ -31,12 +33,15 @@ __all__ = [
     "LoBiReFT",
     "LoReFT",
     "NoReFT",
+    "ReftConfig",
+    "ReftModel",
     "StiefelParameter",
     "keep_orthonormal",
     "mark_stiefel",
     "__version__",
     "cuda_available",
     "direft",
+    "get_reft_model",
     "loreft",
     "lowrank_edit",
     "project_tangent",

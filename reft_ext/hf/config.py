@@ -1,0 +1,118 @@
+"""ReftConfig: which interventions go where, as a JSON-serializable dataclass."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+INTERVENTIONS = ("loreft", "noreft", "direft", "consreft", "lobireft")
+COMPONENTS = ("block_output",)
+_POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Parsed positions string: the first ``first`` and last ``last`` real tokens, or all tokens."""
+
+    first: int = 0
+    last: int = 0
+    all_tokens: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Positions:
+        """``"f{p}+l{s}"`` (either part may be left out, e.g. ``"l1"``) or ``"all"``."""
+        if text == "all":
+            return cls(all_tokens=True)
+        match = _POSITIONS.match(text) if isinstance(text, str) else None
+        if not match or not (match.group(1) or match.group(2)) or text.startswith("+"):
+            raise ValueError(
+                f"positions must be 'f<p>+l<s>', 'f<p>', 'l<s>' or 'all', got {text!r}"
+            )
+        first, last = int(match.group(1) or 0), int(match.group(2) or 0)
+        if first + last == 0:
+            raise ValueError(f"positions select no token: {text!r}")
+        return cls(first, last)
+
+    def groups(self, share_weights: bool) -> tuple[str, ...]:
+        """Names of the position groups that get their own intervention in a layer."""
+        if self.all_tokens:
+            return ("all",)
+        named = tuple(name for name, n in (("first", self.first), ("last", self.last)) if n > 0)
+        return ("shared",) if share_weights and len(named) > 1 else named
+
+
+@dataclass
+class ReftConfig:
+    """Where and which ReFT interventions to attach to a Hugging Face model.
+
+    Args:
+        layers: block indices, or ``"all"``.
+        rank: r of every intervention.
+        intervention: ``"loreft"`` (default), ``"noreft"``, ``"direft"``, ``"consreft"``,
+            ``"lobireft"`` (reft_ext.LoReFT etc.).
+        positions: ``"f<p>+l<s>"`` (first p and last s real tokens of each sequence) or ``"all"``;
+            calls may override it with explicit ``intervention_locations``.
+        component: where to edit; ``"block_output"`` (the hidden state a block returns).
+        share_weights: one intervention per layer for the first and last positions (else one each).
+        dropout: dropout on the edit during training.
+        dtype: parameter dtype name (``"float32"``, ``"bfloat16"``, ...); None: float32.
+        orthogonality: ``"retraction"`` (default), ``"parametrization"`` or None (LoReFT,
+            ConsReFT, LoBiReFT).
+    """
+
+    layers: list[int] | str
+    rank: int = 4
+    intervention: str = "loreft"
+    positions: str = "f1+l1"
+    component: str = "block_output"
+    share_weights: bool = False
+    dropout: float = 0.0
+    dtype: str | None = None
+    orthogonality: str | None = "retraction"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.layers != "all" and not (
+            isinstance(self.layers, (list, tuple)) and all(isinstance(i, int) for i in self.layers)
+        ):
+            raise ValueError(f"layers must be a list of ints or 'all', got {self.layers!r}")
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        if self.intervention not in INTERVENTIONS:
+            raise ValueError(
+                f"intervention must be one of {INTERVENTIONS}, got {self.intervention!r}"
+            )
+        if self.component not in COMPONENTS:
+            raise ValueError(f"component must be one of {COMPONENTS}, got {self.component!r}")
+        if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
+        Positions.parse(self.positions)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype) if self.dtype else torch.float32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ReftConfig:
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ReftConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReftConfig:
+        return cls.from_json(Path(path).read_text())
