@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 
 from .cases import (
+    HookCase,
     OpCase,
     RetractionCase,
+    hook_call,
+    hook_cases,
     input_sets_for,
     make_inputs,
     op_cases,
@@ -106,6 +109,29 @@ def format_retraction_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_hook_case(case: HookCase, device: torch.device, repeats: int) -> dict:
+    """Time the block alone, ReftModel's position-sparse hook and a clone-gather-scatter hook."""
+    calls = {p: hook_call(case, p, device) for p in ("none", "reft_ext", "clone")}
+    timings = time_interleaved(calls, device, repeats=repeats)
+    row = case.as_dict() | {name: vars(t) for name, t in timings.items()}
+    for provider in ("reft_ext", "clone"):
+        row[f"{provider}_overhead_ms"] = (timings[provider].median - timings["none"].median) * 1e3
+    return row
+
+
+def format_hook_table(rows: list[dict]) -> str:
+    head = "| B | T | P | d | block ms | +reft_ext ms | +clone ms | clone/reft_ext overhead |"
+    lines = [head, "|" + "---|" * 8]
+    for row in rows:
+        ours, theirs = row["reft_ext_overhead_ms"], row["clone_overhead_ms"]
+        ratio = f"{theirs / ours:.1f}x" if ours > 0 else "-"
+        lines.append(
+            f"| {row['B']} | {row['T']} | {row['P']} | {row['d']} | "
+            f"{row['none']['median'] * 1e3:.3f} | {ours:.3f} | {theirs:.3f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     head = "| mode | N | d | r | dtype | fused ms | naive ms | copy ms | naive/fused | fused/copy |"
     lines = [head, "|" + "---|" * 10]
@@ -159,10 +185,16 @@ def main(argv: list[str] | None = None) -> int:
             f"  {case.name}: fused {retraction_rows[-1]['fused']['median'] * 1e3:.3f} ms",
             flush=True,
         )
-    table = format_table(rows) + "\n\n" + format_retraction_table(retraction_rows)
+    hook_rows = []
+    for case in hook_cases(args.quick):
+        hook_rows.append(run_hook_case(case, device, repeats))
+        print(f"  {case.name}: +{hook_rows[-1]['reft_ext_overhead_ms']:.3f} ms", flush=True)
+    table = "\n\n".join(
+        [format_table(rows), format_retraction_table(retraction_rows), format_hook_table(hook_rows)]
+    )
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"machine": info, "ops": rows, "retraction": retraction_rows}
+    results = {"machine": info, "ops": rows, "retraction": retraction_rows, "hook": hook_rows}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "table.md").write_text(table + "\n")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")

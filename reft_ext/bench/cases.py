@@ -177,3 +177,66 @@ def retraction_call(case: RetractionCase, provider: str, device: torch.device):
 
         return read
     raise ValueError(f"unknown retraction provider {provider!r}")
+
+
+@dataclass(frozen=True)
+class HookCase:
+    """Editing P of T positions of a block output (B, T, d) with LoReFT, forward+backward."""
+
+    B: int
+    T: int
+    P: int
+    d: int
+    r: int = 4
+
+    @property
+    def name(self) -> str:
+        return f"hook-B{self.B}-T{self.T}-P{self.P}-d{self.d}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def hook_cases(quick: bool) -> list[HookCase]:
+    """T ∈ {512, 2048} (quick: 512), P = 2 (first and last token) and P = T, d = 2048."""
+    lengths = (512,) if quick else (512, 2048)
+    return [HookCase(2, T, P, 2048) for T in lengths for P in (2, T)]
+
+
+def hook_call(case: HookCase, provider: str, device: torch.device):
+    """A zero-argument callable: the block's last op (x + bias) then the provider's hook.
+
+    - ``none``: no intervention (the block alone);
+    - ``reft_ext``: ReftModel's hook: gather the P rows, fused LoReFT, scatter back in place;
+    - ``clone``: pyvene's way: clone the whole output, naive LoReFT on the P rows, write them in.
+    Forward and backward (gradients of x and of the intervention parameters).
+    """
+    from ..hf.model import ReftModel
+    from ..modules import LoReFT
+
+    x = torch.randn(case.B, case.T, case.d, device=device, requires_grad=True)
+    bias = torch.randn(case.d, device=device)
+    grad = torch.randn_like(x)
+    module = LoReFT(case.d, case.r, device=device)
+    params = (x, module.R, module.W, module.b)
+    if case.P == case.T:
+        index = torch.arange(case.T, device=device).expand(case.B, -1)
+    else:
+        index = torch.tensor([0, case.T - 1], device=device).expand(case.B, -1)
+    rows, cols = (index >= 0).nonzero(as_tuple=True)
+    tokens = index[rows, cols]
+
+    def run():
+        hidden = x + bias
+        if provider == "reft_ext":
+            ReftModel._edit_rows(hidden, index, module)
+        elif provider == "clone":
+            hidden = hidden.clone()
+            hidden[rows, tokens] = reference.loreft(
+                hidden[rows, tokens], module.R, module.W, module.b
+            )
+        elif provider != "none":
+            raise ValueError(f"unknown hook provider {provider!r}")
+        return torch.autograd.grad(hidden, params, grad, allow_unused=True)
+
+    return run
