@@ -211,7 +211,7 @@ def hook_call(case: HookCase, provider: str, device: torch.device):
     - ``clone``: pyvene's way: clone the whole output, naive LoReFT on the P rows, write them in.
     Forward and backward (gradients of x and of the intervention parameters).
     """
-    from ..hf.model import ReftModel
+    from ..hf.edit import edit_rows_
     from ..modules import LoReFT
 
     x = torch.randn(case.B, case.T, case.d, device=device, requires_grad=True)
@@ -229,7 +229,7 @@ def hook_call(case: HookCase, provider: str, device: torch.device):
     def run():
         hidden = x + bias
         if provider == "reft_ext":
-            ReftModel._edit_rows(hidden, index, module)
+            edit_rows_(hidden, index, module)
         elif provider == "clone":
             hidden = hidden.clone()
             hidden[rows, tokens] = reference.loreft(

@@ -13,6 +13,7 @@ from .. import modules
 from ..retraction import keep_orthonormal
 from .blocks import block_hidden, find_blocks, hidden_size
 from .config import Positions, ReftConfig
+from .edit import edit_rows_
 from .locations import default_locations, explicit_locations
 
 _MODULES = {
@@ -93,7 +94,7 @@ class ReftModel(nn.Module):
                 return None
             hidden = block_hidden(output)
             for group, index in locations.items():
-                self._edit_rows(hidden, index, self.interventions[_key(layer, group)])
+                edit_rows_(hidden, index, self.interventions[_key(layer, group)])
             return None  # the output was edited in place
 
         return hook
@@ -105,16 +106,6 @@ class ReftModel(nn.Module):
         if state["generating"] and state["pass"] > 1:
             return state["decode"].get(layer) if state["decode"] else None
         return state["locations"].get(layer)
-
-    @staticmethod
-    def _edit_rows(hidden: torch.Tensor, index: torch.Tensor, intervention: nn.Module) -> None:
-        """hidden[b, index[b, p]] ← intervention(hidden[b, index[b, p]]) for index ≥ 0, in place."""
-        index = index.to(hidden.device)
-        rows, cols = (index >= 0).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            return
-        tokens = index[rows, cols]
-        hidden.index_put_((rows, tokens), intervention(hidden[rows, tokens]))
 
     # ---- forward and generation ----------------------------------------------------------
     def _compute_locations(self, kwargs: dict, intervention_locations) -> dict:
