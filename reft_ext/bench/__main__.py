@@ -20,6 +20,7 @@ from .cases import (
     HookCase,
     OpCase,
     RetractionCase,
+    TrainStepCase,
     hook_call,
     hook_cases,
     input_sets_for,
@@ -28,6 +29,7 @@ from .cases import (
     provider_call,
     retraction_call,
     retraction_cases,
+    train_step_calls,
 )
 from .timing import time_interleaved
 
@@ -132,6 +134,27 @@ def format_hook_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_train_step(case: TrainStepCase, device: torch.device, repeats: int) -> dict:
+    """Time a tiny Llama's training step: frozen, with reft_ext interventions, with naive ones."""
+    timings = time_interleaved(train_step_calls(case, device), device, repeats=repeats)
+    row = case.as_dict() | {name: vars(t) for name, t in timings.items()}
+    for provider in ("reft_ext", "naive"):
+        row[f"{provider}_overhead"] = timings[provider].median / timings["frozen"].median - 1
+    return row
+
+
+def format_train_step(row: dict) -> str:
+    ms = {p: row[p]["median"] * 1e3 for p in ("frozen", "reft_ext", "naive")}
+    return (
+        "| model | frozen ms | reft_ext ms (overhead) | naive hooks ms (overhead) |\n"
+        "|---|---|---|---|\n"
+        f"| Llama d={row['d']}, {row['layers']} layers, B={row['B']}, T={row['T']}, LoReFT r=4 at "
+        f"2 layers f1+l1 | {ms['frozen']:.1f} | {ms['reft_ext']:.1f} "
+        f"({100 * row['reft_ext_overhead']:+.1f} %) | {ms['naive']:.1f} "
+        f"({100 * row['naive_overhead']:+.1f} %) |"
+    )
+
+
 def format_table(rows: list[dict]) -> str:
     head = "| mode | N | d | r | dtype | fused ms | naive ms | copy ms | naive/fused | fused/copy |"
     lines = [head, "|" + "---|" * 10]
@@ -189,12 +212,23 @@ def main(argv: list[str] | None = None) -> int:
     for case in hook_cases(args.quick):
         hook_rows.append(run_hook_case(case, device, repeats))
         print(f"  {case.name}: +{hook_rows[-1]['reft_ext_overhead_ms']:.3f} ms", flush=True)
-    table = "\n\n".join(
-        [format_table(rows), format_retraction_table(retraction_rows), format_hook_table(hook_rows)]
-    )
+    train_row = None
+    try:
+        train_row = run_train_step(TrainStepCase(), device, repeats)
+    except ImportError:  # transformers is optional
+        print("  train step: skipped (transformers not installed)")
+    tables = [format_table(rows), format_retraction_table(retraction_rows)]
+    tables += [format_hook_table(hook_rows)] + ([format_train_step(train_row)] if train_row else [])
+    table = "\n\n".join(tables)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"machine": info, "ops": rows, "retraction": retraction_rows, "hook": hook_rows}
+    results = {
+        "machine": info,
+        "ops": rows,
+        "retraction": retraction_rows,
+        "hook": hook_rows,
+        "train_step": train_row,
+    }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "table.md").write_text(table + "\n")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")

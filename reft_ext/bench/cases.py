@@ -240,3 +240,91 @@ def hook_call(case: HookCase, provider: str, device: torch.device):
         return torch.autograd.grad(hidden, params, grad, allow_unused=True)
 
     return run
+
+
+@dataclass(frozen=True)
+class TrainStepCase:
+    """One training step (forward+backward) of a tiny random Llama with LoReFT at two layers."""
+
+    B: int = 2
+    T: int = 256
+    d: int = 512
+    layers: int = 4
+
+    @property
+    def name(self) -> str:
+        return f"train-step-B{self.B}-T{self.T}-d{self.d}-L{self.layers}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_step_calls(case: TrainStepCase, device: torch.device) -> dict:
+    """Zero-argument callables per provider, all on one model with the same weights:
+
+    - ``frozen``: the model's own forward+backward (gradient w.r.t. the input embeddings);
+    - ``reft_ext``: ReftModel, LoReFT rank 4 at layers 1 and 2, positions f1+l1;
+    - ``naive``: the same interventions as pyvene hooks: clone each block output, naive LoReFT on
+      the selected rows, write them into the copy.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..hf import ReftConfig, get_reft_model
+    from ..hf.blocks import block_hidden, find_blocks
+
+    config = LlamaConfig(
+        hidden_size=case.d,
+        intermediate_size=2 * case.d,
+        num_hidden_layers=case.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=1000,
+    )
+    model = LlamaForCausalLM(config).to(device)
+    embeds = torch.randn(case.B, case.T, case.d, device=device, requires_grad=True)
+    labels = torch.randint(0, 1000, (case.B, case.T), device=device)
+    reft = get_reft_model(model, ReftConfig(layers=[1, 2], rank=4, positions="f1+l1"))
+    trainable = [p for p in reft.parameters() if p.requires_grad]
+    index = torch.tensor([0, case.T - 1], device=device).expand(case.B, -1)
+    rows, cols = (index >= 0).nonzero(as_tuple=True)
+    tokens = index[rows, cols]
+
+    def clone_hook(module):
+        def hook(_block, _args, output):
+            hidden = block_hidden(output).clone()
+            edited = reference.loreft(hidden[rows, tokens], module.R, module.W, module.b)
+            hidden[rows, tokens] = edited
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    def step(run):
+        def call():
+            loss = run().loss
+            return torch.autograd.grad(loss, [embeds, *trainable], allow_unused=True)
+
+        return call
+
+    _, blocks = find_blocks(model)
+    naive_handles = []
+
+    def naive_run():
+        with reft.disable_interventions():
+            for layer in (1, 2):
+                hook = clone_hook(reft.interventions[f"layer{layer}_first"])
+                naive_handles.append(blocks[layer].register_forward_hook(hook))
+            try:
+                return model(inputs_embeds=embeds, labels=labels)
+            finally:
+                while naive_handles:
+                    naive_handles.pop().remove()
+
+    def frozen_run():
+        with reft.disable_interventions():
+            return model(inputs_embeds=embeds, labels=labels)
+
+    return {
+        "frozen": step(frozen_run),
+        "reft_ext": step(lambda: reft(inputs_embeds=embeds, labels=labels)),
+        "naive": step(naive_run),
+    }
