@@ -11,7 +11,7 @@ import torch
 
 INTERVENTIONS = ("loreft", "noreft", "direft", "consreft", "lobireft")
 COMPONENTS = ("block_output",)
-_POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
+_POSITIONS = re.compile(r"f(\d+)\+l(\d+)|f(\d+)|l(\d+)")
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,13 @@ class Positions:
         """``"f{p}+l{s}"`` (either part may be left out, e.g. ``"l1"``) or ``"all"``."""
         if text == "all":
             return cls(all_tokens=True)
-        match = _POSITIONS.match(text) if isinstance(text, str) else None
-        if not match or not (match.group(1) or match.group(2)) or text.startswith("+"):
+        match = _POSITIONS.fullmatch(text) if isinstance(text, str) else None
+        if not match:
             raise ValueError(
                 f"positions must be 'f<p>+l<s>', 'f<p>', 'l<s>' or 'all', got {text!r}"
             )
-        first, last = int(match.group(1) or 0), int(match.group(2) or 0)
+        first_both, last_both, first_only, last_only = match.groups()
+        first, last = int(first_both or first_only or 0), int(last_both or last_only or 0)
         if first + last == 0:
             raise ValueError(f"positions select no token: {text!r}")
         return cls(first, last)
@@ -77,11 +78,15 @@ class ReftConfig:
 
     def __post_init__(self):
         if self.layers != "all" and not (
-            isinstance(self.layers, (list, tuple)) and all(isinstance(i, int) for i in self.layers)
+            isinstance(self.layers, (list, tuple))
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
         ):
             raise ValueError(f"layers must be a list of ints or 'all', got {self.layers!r}")
         if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
+        if self.layers != "all" and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            # a repeated layer would hook its block twice and apply the intervention twice
+            raise ValueError(f"layers must be non-empty and without repeats, got {self.layers!r}")
         if self.intervention not in INTERVENTIONS:
             raise ValueError(
                 f"intervention must be one of {INTERVENTIONS}, got {self.intervention!r}"

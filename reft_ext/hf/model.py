@@ -57,7 +57,14 @@ class ReftModel(nn.Module):
         self._hidden_size = hidden_size(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        device = next(model.parameters()).device
+        first_param = next(model.parameters())
+        device, model_dtype = first_param.device, first_param.dtype
+        if config.torch_dtype not in (torch.float32, model_dtype):
+            raise ValueError(
+                f"ReftConfig.dtype must be float32 or the model's dtype ({model_dtype}), got "
+                f"{config.dtype!r}: the fused ops take parameters in the hidden states' dtype or "
+                "float32"
+            )
         cls = _MODULES[config.intervention]
         kwargs = {"dropout": config.dropout, "dtype": config.torch_dtype, "device": device}
         if config.intervention in _ORTHOGONAL:
@@ -94,10 +101,22 @@ class ReftModel(nn.Module):
                 return None
             hidden = block_hidden(output)
             for group, index in locations.items():
+                if index.shape[0] != hidden.shape[0]:
+                    index = self._expand_batch(index, hidden.shape[0])
                 edit_rows_(hidden, index, self.interventions[_key(layer, group)])
             return None  # the output was edited in place
 
         return hook
+
+    def _expand_batch(self, index: torch.Tensor, batch: int) -> torch.Tensor:
+        """generate() repeats each prompt in a row (repeat_interleave: num_beams copies, or
+        num_return_sequences when sampling): give every copy its prompt's locations."""
+        if not self._state["generating"] or batch % index.shape[0]:
+            raise ValueError(
+                f"intervention locations are for a batch of {index.shape[0]}, the block's hidden "
+                f"states have {batch} rows"
+            )
+        return index.repeat_interleave(batch // index.shape[0], dim=0)
 
     def _locations_for(self, layer: int) -> dict[str, torch.Tensor] | None:
         state = self._state
@@ -167,9 +186,11 @@ class ReftModel(nn.Module):
         decode = None
         if intervene_on == "all":
             group = "last" if "last" in self._groups else self._groups[-1]
-            batch = kwargs["input_ids"].shape[0]
+            prompt = kwargs.get("input_ids")
+            if prompt is None:
+                prompt = kwargs["inputs_embeds"]
             # With a KV cache each decode pass sees only the new token, at index 0.
-            index = torch.zeros(batch, 1, dtype=torch.long, device=kwargs["input_ids"].device)
+            index = torch.zeros(prompt.shape[0], 1, dtype=torch.long, device=prompt.device)
             decode = {layer: {group: index} for layer in self.layers}
         self._state.update(locations=locations, decode=decode, generating=True, **{"pass": 0})
         try:
@@ -220,8 +241,14 @@ class ReftModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        config = self.reft_config
+        current = next(self.interventions.parameters()).dtype
+        if current != config.torch_dtype:  # the interventions were cast after construction
+            config = ReftConfig.from_dict(
+                config.to_dict() | {"dtype": str(current).removeprefix("torch.")}
+            )
         meta = {
-            "reft_config": self.reft_config.to_dict(),
+            "reft_config": config.to_dict(),
             "hidden_size": self._hidden_size,
             "num_blocks": self._num_blocks,
             "model_type": getattr(getattr(self.model, "config", None), "model_type", None),
