@@ -1,0 +1,86 @@
+"""reft_ext inside pyreft: runs only where pyreft is installed (README: "pyreft interop tests").
+
+pyreft 0.1.0 pins transformers 4.45.1, so these tests live in their own environment; elsewhere the
+module is skipped as a whole.
+"""
+
+import pytest
+import torch
+
+pyreft = pytest.importorskip("pyreft")
+transformers = pytest.importorskip("transformers")
+
+from reft_ext.integrations.pyreft import (  # noqa: E402
+    LoreftIntervention,
+    load_pyreft_checkpoint,
+)
+
+EMBED, RANK = 64, 4
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=EMBED,
+        intermediate_size=2 * EMBED,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_same_outputs_and_keys_as_pyreft_loreft():
+    """On pyreft's own weights our class computes pyreft's output (fp32, ≤ 1e-5 relative)."""
+    torch.manual_seed(0)
+    theirs = pyreft.LoreftIntervention(
+        embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32
+    ).eval()
+    ours = LoreftIntervention(embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32).eval()
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    h = torch.randn(7, EMBED)
+    expected = theirs(h)
+    assert (ours(h) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_pyreft_training_save_and_load_with_our_class(tmp_path):
+    """pyreft's ReftModel trains with our class, saves, reloads, and reft_ext imports the save."""
+    model = tiny_llama()
+    layers = [1, 2]
+    config = pyreft.ReftConfig(
+        representations=[
+            {
+                "layer": layer,
+                "component": "block_output",
+                "low_rank_dimension": RANK,
+                "intervention": LoreftIntervention(
+                    embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32
+                ),
+            }
+            for layer in layers
+        ]
+    )
+    reft_model = pyreft.get_reft_model(model, config)
+    reft_model.set_device("cpu")
+    ids = torch.randint(0, 64, (2, 6))
+    locations = {"sources->base": (None, [[[0, 5], [0, 5]]] * len(layers))}
+    params = [p for p in reft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        _, out = reft_model({"input_ids": ids}, unit_locations=locations, labels=ids)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    reft_model.save(str(tmp_path))
+    imported = load_pyreft_checkpoint(tiny_llama(), tmp_path, positions="f1+l1").eval()
+    for key, intervention in reft_model.interventions.items():
+        layer = int(key.split("_")[1])
+        (ours,) = [m for k, m in imported.interventions.items() if k.startswith(f"layer{layer}_")]
+        h = torch.randn(3, EMBED)
+        theirs = intervention[0] if isinstance(intervention, (tuple, list)) else intervention
+        assert torch.allclose(ours(h), theirs.eval()(h), atol=1e-5)
