@@ -18,6 +18,7 @@
 
 #include "../lowrank_edit.h"
 #include "../lowrank_edit_checks.h"
+#include "warp_reduce.cuh"
 
 namespace reft_ext {
 namespace {
@@ -48,14 +49,6 @@ __device__ __forceinline__ void store_vec(scalar_t* dst, const acc_t* values) {
   } else {
     store_strip<V>(dst, values);
   }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2)
-    value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
 }
 
 // For a tile of kTileRows rows x: proj = x Aᵀ (+ c) (N, r) and y = x + proj B.

@@ -12,20 +12,13 @@
 
 #include "../retraction.h"
 #include "../retraction_checks.h"
+#include "warp_reduce.cuh"
 
 namespace reft_ext {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2)
-    value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
 
 // S = R Rᵀ: one warp per (i, j) pair, lanes striding over d (coalesced), butterfly sum.
 template <typename acc_t>
