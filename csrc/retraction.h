@@ -301,16 +301,25 @@ REFT_HD void multiply_into(acc_t* T, const acc_t* F, acc_t* tmp, int64_t r) {
   for (int64_t e = 0; e < r * r; ++e) T[e] = tmp[e];
 }
 
-// Scratch of retract_matrix: r×d values in `work`, small_scratch_size(r) values in `small`.
-REFT_HD int64_t small_scratch_size(int64_t r) { return 5 * r * r; }
+// The r×r scratch of one retraction, carved from small_scratch_size(r) values; the CPU and CUDA
+// back-ends use the same layout. (It also needs r×d values of `work` for Householder and polar.)
+template <typename acc_t>
+struct SmallScratch {
+  acc_t* S;    // Gram matrix, then its Cholesky factor (or Householder's T)
+  acc_t* T;    // accumulated triangular factor: R_in = T Q (polar only)
+  acc_t* tmp;  // 2 r×r: products (1 r×r), then the polar iteration (2 r×r)
+  REFT_HD SmallScratch(acc_t* small, int64_t r)
+      : S(small), T(small + r * r), tmp(small + 2 * r * r) {}
+};
+
+REFT_HD int64_t small_scratch_size(int64_t r) { return 4 * r * r; }
 
 // Retracts one r×d matrix in place (single-threaded), with the method's fallbacks described above.
 template <typename acc_t>
 REFT_HD void retract_matrix(acc_t* R, int64_t r, int64_t d, Method method, acc_t* work,
                             acc_t* small) {
-  acc_t* S = small;                // Gram matrix, then its Cholesky factor
-  acc_t* T = small + r * r;        // accumulated triangular factor: R_in = T Q (polar only)
-  acc_t* tmp = small + 2 * r * r;  // 3 r×r: products and the polar iteration
+  const SmallScratch<acc_t> scratch(small, r);
+  acc_t *S = scratch.S, *T = scratch.T, *tmp = scratch.tmp;
   const bool polar = method == kPolar;
   if (polar) set_identity(T, r);
   normalize_scale(R, r * d, max_abs_strided(R, r * d, 0, 1), 0, 1);

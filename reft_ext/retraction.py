@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import ops  # noqa: F401  (registers the ops)
+from .functional import _accumulation_dtype
 
 METHODS = {"cholqr2": 0, "qr": 1, "polar": 2}
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -74,7 +75,7 @@ def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"project_tangent: G must have R's shape {tuple(R.shape)}, got {tuple(G.shape)}"
         )
-    acc = torch.float64 if G.dtype == torch.float64 else torch.float32
+    acc = _accumulation_dtype(G.dtype)
     Ra, Ga = R.to(acc), G.to(acc)
     A = Ga @ Ra.transpose(-1, -2)
     return (Ga - 0.5 * (A + A.transpose(-1, -2)) @ Ra).to(G.dtype)

@@ -12,6 +12,8 @@
 #if defined(__x86_64__)
 #define REFT_HAS_AVX2_VARIANT 1
 #define REFT_AVX2_FMA __attribute__((target("avx2,fma")))
+#else
+#define REFT_AVX2_FMA  // elsewhere the "avx2" entry point is a second portable build, never chosen
 #endif
 
 namespace reft_ext {

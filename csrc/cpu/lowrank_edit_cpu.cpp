@@ -199,7 +199,6 @@ void backward_rows_portable(const scalar_t* grad_out, const scalar_t* h,
   backward_rows(grad_out, h, P, Q, z, grad_h, partial, begin, end, d, r);
 }
 
-#if defined(REFT_HAS_AVX2_VARIANT)
 template <typename scalar_t>
 REFT_AVX2_FMA void forward_rows_avx2(const scalar_t* h, const acc_type<scalar_t>* P,
                                      const acc_type<scalar_t>* Q, const acc_type<scalar_t>* b,
@@ -215,7 +214,6 @@ REFT_AVX2_FMA void backward_rows_avx2(const scalar_t* grad_out, const scalar_t* 
                                       int64_t d, int64_t r) {
   backward_rows(grad_out, h, P, Q, z, grad_h, partial, begin, end, d, r);
 }
-#endif
 
 std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
                                                             const at::Tensor& P,
@@ -228,12 +226,8 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_forward_cpu", [&] {
         using acc_t = acc_type<scalar_t>;
-#if defined(REFT_HAS_AVX2_VARIANT)
         const auto rows =
             kernel_variant(&forward_rows_portable<scalar_t>, &forward_rows_avx2<scalar_t>);
-#else
-    const auto rows = &forward_rows_portable<scalar_t>;
-#endif
         const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
         scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
         const acc_t* P_ptr = P.const_data_ptr<acc_t>();
@@ -266,12 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
         using acc_t = acc_type<scalar_t>;
-#if defined(REFT_HAS_AVX2_VARIANT)
         const auto rows =
             kernel_variant(&backward_rows_portable<scalar_t>, &backward_rows_avx2<scalar_t>);
-#else
-    const auto rows = &backward_rows_portable<scalar_t>;
-#endif
         const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
         const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
         scalar_t* grad_h_ptr = grad_h.mutable_data_ptr<scalar_t>();

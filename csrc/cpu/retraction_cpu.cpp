@@ -21,25 +21,19 @@ void retract_matrix_portable(acc_t* R, int64_t r, int64_t d, int64_t method, acc
                              acc_t* small) {
   retraction::retract_matrix(R, r, d, static_cast<retraction::Method>(method), work, small);
 }
-#if defined(REFT_HAS_AVX2_VARIANT)
 template <typename acc_t>
 REFT_AVX2_FMA void retract_matrix_avx2(acc_t* R, int64_t r, int64_t d, int64_t method, acc_t* work,
                                        acc_t* small) {
   retraction::retract_matrix(R, r, d, static_cast<retraction::Method>(method), work, small);
 }
-#endif
 
 // Retracts the `batch` matrices (r×d each) at base, in parallel over matrices.
 template <typename scalar_t>
 void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, int64_t method) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-#if defined(REFT_HAS_AVX2_VARIANT)
   const auto retract_one =
       kernel_variant(&retract_matrix_portable<acc_t>, &retract_matrix_avx2<acc_t>);
-#else
-  const auto retract_one = &retract_matrix_portable<acc_t>;
-#endif
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> work(r * d), small(retraction::small_scratch_size(r));
     std::vector<acc_t> converted(kConvert ? r * d : 0);

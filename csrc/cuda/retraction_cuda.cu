@@ -66,9 +66,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.x;
   acc_t* R = values + b * r * d;
   acc_t* work = work_all + b * r * d;
-  acc_t* S = small_all + b * small_scratch_size(r);
-  acc_t* T = S + r * r;
-  acc_t* tmp = S + 2 * r * r;
+  const SmallScratch<acc_t> scratch(small_all + b * small_scratch_size(r), r);
+  acc_t *S = scratch.S, *T = scratch.T, *tmp = scratch.tmp;
   const bool polar = method == kPolar;
   const bool leader = threadIdx.x == 0;
   if (polar && leader) set_identity(T, r);
