@@ -2,6 +2,9 @@
 # GPU check, for a machine with a CUDA GPU and torch installed, in well under 8 minutes:
 # build, CUDA tests, compute-sanitizer memcheck on a small forward+backward and retractions,
 # GPU benchmark (fused ops and the k = 32 retraction).
+# Leaves in OUT_DIR: gpu_check.log, tests.xml, and bench/ with results.json, table.md and bench.png
+# (bench.png needs matplotlib on the GPU machine; without it, render it from results.json anywhere
+# with python -m reft_ext.bench.plot).
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else ./gpu-check)
 set -uo pipefail
 out="${1:-${OUT:-gpu-check}}"
@@ -42,6 +45,8 @@ compute-sanitizer --tool memcheck --error-exitcode 1 python "$out/sanitize_case.
 
 step "benchmark"
 python -m reft_ext.bench --out "$out/bench" || status=1
+[ -f "$out/bench/bench.png" ] ||
+  echo "no bench.png: run python -m reft_ext.bench.plot $out/bench/results.json where matplotlib is"
 
 step "done, status $status"
 exit $status

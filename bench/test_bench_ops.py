@@ -1,13 +1,15 @@
 """pytest-benchmark view of the op cases: ``pytest bench/ --benchmark-only``.
 
 Same cases and providers as ``python -m reft_ext.bench`` (reft_ext.bench.cases); groups are one
-case each, so pytest-benchmark's table compares fused, naive and copy side by side.
+case each, so pytest-benchmark's table compares fused, naive and copy side by side. Each
+benchmark's ``extra_info`` carries the provider's peak memory (``peak_bytes``, one untimed call).
 """
 
 import pytest
 import torch
 
 from reft_ext.bench.cases import input_sets_for, make_inputs, op_cases, provider_call
+from reft_ext.bench.memory import peak_bytes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = op_cases(quick=False)
@@ -24,6 +26,7 @@ def test_loreft(benchmark, case, provider):
     benchmark.extra_info.update(case.as_dict())
     benchmark.extra_info["device"] = str(DEVICE)
     benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.extra_info["peak_bytes"] = peak_bytes(call, DEVICE)  # one untimed call
     if DEVICE.type == "cuda":
         benchmark.extra_info["gpu"] = torch.cuda.get_device_name(DEVICE)
 

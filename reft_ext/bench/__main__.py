@@ -1,7 +1,7 @@
 """``python -m reft_ext.bench`` / ``reft-bench``: fused vs naive LoReFT on this device, as a table.
 
-Writes ``results.json`` (machine info and every timing) and ``table.md`` into ``--out``
-(default ``./reft-bench``).
+Writes ``results.json`` (machine info, every timing and each provider's peak memory), ``table.md``
+and ``bench.png`` (speedup plot; needs matplotlib) into ``--out`` (default ``./reft-bench``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from .cases import (
     retraction_cases,
     train_step_calls,
 )
-from .timing import time_interleaved
+from .memory import peak_bytes
+from .plot import save_plot
+from .timing import Timing, time_interleaved
 
 # glibc returns large freed blocks to the OS, so every fresh N×d tensor page-faults again (tens of
 # ms per 64 MiB here), which would swamp the kernels being compared. Keeping freed memory in the
@@ -73,13 +75,35 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
+def measure(
+    case: OpCase | RetractionCase | HookCase | TrainStepCase,
+    calls: dict,
+    device: torch.device,
+    **timing,
+) -> tuple[dict, dict[str, Timing]]:
+    """Time ``calls`` interleaved, then take each one's peak memory in one more, untimed call.
+
+    Returns the case's row (its fields, each provider's timing, ``peak_bytes`` per provider) and
+    the timings. Memory comes after timing so lazily created workspaces (cuBLAS) already exist.
+    """
+    timings = time_interleaved(calls, device, **timing)
+    row = case.as_dict() | {name: vars(t) for name, t in timings.items()}
+    row["peak_bytes"] = {name: peak_bytes(fn, device) for name, fn in calls.items()}
+    return row, timings
+
+
+def format_mib(row: dict, providers: tuple[str, ...]) -> str:
+    """``row``'s peak memory of ``providers`` in MiB, "a / b / c" ("-" where not measured)."""
+    peaks = row["peak_bytes"]
+    return " / ".join(f"{peaks[p] / 2**20:.1f}" if p in peaks else "-" for p in providers)
+
+
 def run_case(case: OpCase, device: torch.device, repeats: int) -> dict:
     """Time fused, naive and (forward cases) copy_ interleaved; return the row of the table."""
     inputs = make_inputs(case, device, input_sets_for(case))
     providers = {p: provider_call(case, p, inputs) for p in ("fused", "naive", "copy")}
-    timings = time_interleaved(providers, device, repeats=repeats)
+    row, timings = measure(case, providers, device, repeats=repeats)
     del inputs
-    row = case.as_dict() | {name: vars(t) for name, t in timings.items()}
     row["speedup_vs_naive"] = timings["naive"].median / timings["fused"].median
     row["fused_over_copy"] = timings["fused"].median / timings["copy"].median
     return row
@@ -89,16 +113,18 @@ def run_retraction_case(case: RetractionCase, device: torch.device, repeats: int
     """Time the fused retraction against torch QR loops and (k = 1) pyreft's parametrization."""
     providers = ["fused", "torch_qr"] + (["parametrization"] if case.k == 1 else [])
     calls = {p: retraction_call(case, p, device) for p in providers}
-    timings = time_interleaved(calls, device, repeats=repeats, warmup=2)
-    row = case.as_dict() | {name: vars(t) for name, t in timings.items()}
+    row, timings = measure(case, calls, device, repeats=repeats, warmup=2)
     for baseline in providers[1:]:
         row[f"{baseline}_over_fused"] = timings[baseline].median / timings["fused"].median
     return row
 
 
 def format_retraction_table(rows: list[dict]) -> str:
-    head = "| k | d | r | fused ms | torch_qr ms | parametrization ms | qr/fused | param./fused |"
-    lines = [head, "|" + "---|" * 8]
+    head = (
+        "| k | d | r | fused ms | torch_qr ms | parametrization ms | qr/fused | param./fused "
+        "| peak MiB (fused / torch_qr / param.) |"
+    )
+    lines = [head, "|" + "---|" * 9]
     for row in rows:
         param = row.get("parametrization")
         param_ms = f"{param['median'] * 1e3:.1f}" if param else "-"
@@ -106,7 +132,8 @@ def format_retraction_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['k']} | {row['d']} | {row['r']} | {row['fused']['median'] * 1e3:.3f} | "
             f"{row['torch_qr']['median'] * 1e3:.3f} | {param_ms} | "
-            f"{row['torch_qr_over_fused']:.1f}x | {param_ratio} |"
+            f"{row['torch_qr_over_fused']:.1f}x | {param_ratio} | "
+            f"{format_mib(row, ('fused', 'torch_qr', 'parametrization'))} |"
         )
     return "\n".join(lines)
 
@@ -114,30 +141,32 @@ def format_retraction_table(rows: list[dict]) -> str:
 def run_hook_case(case: HookCase, device: torch.device, repeats: int) -> dict:
     """Time the block alone, ReftModel's position-sparse hook and a clone-gather-scatter hook."""
     calls = {p: hook_call(case, p, device) for p in ("none", "reft_ext", "clone")}
-    timings = time_interleaved(calls, device, repeats=repeats)
-    row = case.as_dict() | {name: vars(t) for name, t in timings.items()}
+    row, timings = measure(case, calls, device, repeats=repeats)
     for provider in ("reft_ext", "clone"):
         row[f"{provider}_overhead_ms"] = (timings[provider].median - timings["none"].median) * 1e3
     return row
 
 
 def format_hook_table(rows: list[dict]) -> str:
-    head = "| B | T | P | d | block ms | +reft_ext ms | +clone ms | clone/reft_ext overhead |"
-    lines = [head, "|" + "---|" * 8]
+    head = (
+        "| B | T | P | d | block ms | +reft_ext ms | +clone ms | clone/reft_ext overhead "
+        "| peak MiB (block / reft_ext / clone) |"
+    )
+    lines = [head, "|" + "---|" * 9]
     for row in rows:
         ours, theirs = row["reft_ext_overhead_ms"], row["clone_overhead_ms"]
         ratio = f"{theirs / ours:.1f}x" if ours > 0 else "-"
         lines.append(
             f"| {row['B']} | {row['T']} | {row['P']} | {row['d']} | "
-            f"{row['none']['median'] * 1e3:.3f} | {ours:.3f} | {theirs:.3f} | {ratio} |"
+            f"{row['none']['median'] * 1e3:.3f} | {ours:.3f} | {theirs:.3f} | {ratio} | "
+            f"{format_mib(row, ('none', 'reft_ext', 'clone'))} |"
         )
     return "\n".join(lines)
 
 
 def run_train_step(case: TrainStepCase, device: torch.device, repeats: int) -> dict:
     """Time a tiny Llama's training step: frozen, with reft_ext interventions, with naive ones."""
-    timings = time_interleaved(train_step_calls(case, device), device, repeats=repeats)
-    row = case.as_dict() | {name: vars(t) for name, t in timings.items()}
+    row, timings = measure(case, train_step_calls(case, device), device, repeats=repeats)
     for provider in ("reft_ext", "naive"):
         row[f"{provider}_overhead"] = timings[provider].median / timings["frozen"].median - 1
     return row
@@ -146,24 +175,30 @@ def run_train_step(case: TrainStepCase, device: torch.device, repeats: int) -> d
 def format_train_step(row: dict) -> str:
     ms = {p: row[p]["median"] * 1e3 for p in ("frozen", "reft_ext", "naive")}
     return (
-        "| model | frozen ms | reft_ext ms (overhead) | naive hooks ms (overhead) |\n"
-        "|---|---|---|---|\n"
+        "| model | frozen ms | reft_ext ms (overhead) | naive hooks ms (overhead) "
+        "| peak MiB (frozen / reft_ext / naive) |\n"
+        "|---|---|---|---|---|\n"
         f"| Llama d={row['d']}, {row['layers']} layers, B={row['B']}, T={row['T']}, LoReFT r=4 at "
         f"2 layers f1+l1 | {ms['frozen']:.1f} | {ms['reft_ext']:.1f} "
         f"({100 * row['reft_ext_overhead']:+.1f} %) | {ms['naive']:.1f} "
-        f"({100 * row['naive_overhead']:+.1f} %) |"
+        f"({100 * row['naive_overhead']:+.1f} %) | "
+        f"{format_mib(row, ('frozen', 'reft_ext', 'naive'))} |"
     )
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| mode | N | d | r | dtype | fused ms | naive ms | copy ms | naive/fused | fused/copy |"
-    lines = [head, "|" + "---|" * 10]
+    head = (
+        "| mode | N | d | r | dtype | fused ms | naive ms | copy ms | naive/fused | fused/copy "
+        "| peak MiB (fused / naive / copy) |"
+    )
+    lines = [head, "|" + "---|" * 11]
     ms = lambda t: f"{t['median'] * 1e3:.3f}"  # noqa: E731
     for row in rows:
         lines.append(
             f"| {row['mode']} | {row['N']} | {row['d']} | {row['r']} | {row['dtype']} | "
             f"{ms(row['fused'])} | {ms(row['naive'])} | {ms(row['copy'])} | "
-            f"{row['speedup_vs_naive']:.2f}x | {row['fused_over_copy']:.2f} |"
+            f"{row['speedup_vs_naive']:.2f}x | {row['fused_over_copy']:.2f} | "
+            f"{format_mib(row, ('fused', 'naive', 'copy'))} |"
         )
     return "\n".join(lines)
 
@@ -177,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=None, help="samples per provider")
     parser.add_argument("--out", type=Path, default=Path("reft-bench"), help="output folder")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="TEXT",
+        help="run only the cases whose name contains TEXT (repeatable), e.g. N256 or hook-",
+    )
     args = parser.parse_args(argv)
     if argv is None:
         _reexec_with_malloc_settings()
@@ -192,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {info['torch']}",
         flush=True,
     )
+
+    def selected(cases: list) -> list:
+        return [c for c in cases if not args.only or any(t in c.name for t in args.only)]
+
     rows = []
-    for case in op_cases(args.quick):
+    for case in selected(op_cases(args.quick)):
         rows.append(run_case(case, device, repeats))
         r = rows[-1]
         print(
@@ -202,21 +247,22 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     retraction_rows = []
-    for case in retraction_cases(args.quick):
+    for case in selected(retraction_cases(args.quick)):
         retraction_rows.append(run_retraction_case(case, device, max(5, repeats // 2)))
         print(
             f"  {case.name}: fused {retraction_rows[-1]['fused']['median'] * 1e3:.3f} ms",
             flush=True,
         )
     hook_rows = []
-    for case in hook_cases(args.quick):
+    for case in selected(hook_cases(args.quick)):
         hook_rows.append(run_hook_case(case, device, repeats))
         print(f"  {case.name}: +{hook_rows[-1]['reft_ext_overhead_ms']:.3f} ms", flush=True)
     train_row = None
-    try:
-        train_row = run_train_step(TrainStepCase(), device, repeats)
-    except ImportError:  # transformers is optional
-        print("  train step: skipped (transformers not installed)")
+    for case in selected([TrainStepCase()]):
+        try:
+            train_row = run_train_step(case, device, repeats)
+        except ImportError:  # transformers is optional
+            print("  train step: skipped (transformers not installed)")
     tables = [format_table(rows), format_retraction_table(retraction_rows)]
     tables += [format_hook_table(hook_rows)] + ([format_train_step(train_row)] if train_row else [])
     table = "\n\n".join(tables)
@@ -231,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "table.md").write_text(table + "\n")
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
+    written = ["results.json", "table.md"] + (
+        ["bench.png"] if save_plot(results, args.out / "bench.png") else []
+    )
+    print(f"wrote {', '.join(written)} in {args.out}")
     return 0
 
 

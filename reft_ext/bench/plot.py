@@ -1,0 +1,106 @@
+"""The benchmark's PNG: fused-vs-naive speedup against N and, on CUDA, the copy-bandwidth fraction.
+
+Re-render from a saved run with ``python -m reft_ext.bench.plot results.json [out.png]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MODE_TITLES = {"forward": "forward", "forward_backward": "forward+backward"}
+DTYPE_STYLES = {"float32": "-", "bfloat16": "--", "float16": ":"}
+
+
+def _groups(rows: list[dict], mode: str) -> dict[tuple, list[dict]]:
+    """Rows of ``mode`` keyed by (d, r, dtype), each list sorted by N."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["mode"] == mode:
+            groups.setdefault((row["d"], row["r"], row["dtype"]), []).append(row)
+    return {key: sorted(group, key=lambda row: row["N"]) for key, group in sorted(groups.items())}
+
+
+def _draw(ax, groups: dict[tuple, list[dict]], value, colors: dict) -> None:
+    for (d, r, dtype), group in groups.items():
+        ax.plot(
+            [row["N"] for row in group],
+            [value(row) for row in group],
+            DTYPE_STYLES.get(dtype, "-."),
+            color=colors[(d, r)],
+            marker="o",
+            label=f"d={d} r={r} {dtype}",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (rows of h)")
+    ax.grid(True, alpha=0.3)
+
+
+def save_plot(results: dict, path: str | Path) -> bool:
+    """Write the PNG for ``results`` (the dict of ``results.json``) to ``path``.
+
+    Panels: speedup (naive median ÷ fused median) against N for the forward and the
+    forward+backward op cases, one line per (d, r, dtype); when ``results["machine"]["device"]`` is
+    CUDA, also the fraction of the measured ``copy_`` bandwidth the fused forward reaches (copy
+    median ÷ fused median; 1 = at the memory roofline). Returns False, after printing a one-line
+    note, when matplotlib is not installed; the benchmark's other files do not need it.
+    """
+    try:
+        # Figure + the Agg canvas directly: no pyplot, so no GUI backend and no global state.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"{path} skipped: matplotlib is not installed (pip install matplotlib)")
+        return False
+    machine = results["machine"]
+    rows = results["ops"]
+    on_cuda = str(machine["device"]).startswith("cuda")
+    keys = sorted({(row["d"], row["r"]) for row in rows})
+    colors = {key: f"C{i % 10}" for i, key in enumerate(keys)}
+
+    fig = Figure(figsize=(6 * (2 + on_cuda), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 + on_cuda, squeeze=False)[0]
+    for ax, mode in zip(axes, MODE_TITLES, strict=False):
+        _draw(ax, _groups(rows, mode), lambda row: row["speedup_vs_naive"], colors)
+        ax.axhline(1.0, color="gray", linewidth=1)
+        ax.set_ylabel("speedup over naive (×)")
+        ax.set_title(f"fused vs naive, {MODE_TITLES[mode]}")
+    if on_cuda:
+        ax = axes[2]
+        _draw(ax, _groups(rows, "forward"), lambda row: 1.0 / row["fused_over_copy"], colors)
+        ax.axhline(0.8, color="gray", linestyle="--", linewidth=1)  # DESIGN §2's done mark
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("copy time ÷ fused time (dashed: 0.8)")
+        ax.set_title("fused forward, fraction of copy_ bandwidth")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", fontsize="small")
+    fig.suptitle(
+        f"reft_ext bench: {machine.get('gpu') or machine.get('cpu')}, "
+        f"{machine.get('threads')} threads, torch {machine.get('torch')}, {machine.get('date')}",
+        fontsize="medium",
+    )
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m reft_ext.bench.plot", description="Re-render bench.png from results.json."
+    )
+    parser.add_argument(
+        "results", type=Path, help="results.json written by python -m reft_ext.bench"
+    )
+    parser.add_argument("out", type=Path, nargs="?", help="PNG path (default: bench.png beside it)")
+    args = parser.parse_args(argv)
+    out = args.out or args.results.with_name("bench.png")
+    if save_plot(json.loads(args.results.read_text()), out):
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
