@@ -6,7 +6,9 @@ import sys
 import pytest
 import torch
 
+from reft_ext.bench.__main__ import format_table
 from reft_ext.bench.__main__ import main as bench_main
+from reft_ext.bench.cases import op_providers, pyreft_module, pyreft_version
 from reft_ext.bench.memory import peak_bytes
 from reft_ext.bench.plot import main as plot_main
 from reft_ext.bench.plot import save_plot
@@ -112,3 +114,40 @@ def test_cli_writes_memory_fields_table_and_plot(tmp_path, _restore_threads):
 
     assert plot_main([str(out / "results.json"), str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_pyreft_provider_is_absent_where_pyreft_is_not_importable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyreft", None)  # import pyreft raises ImportError
+    pyreft_module.cache_clear()
+    try:
+        assert op_providers() == ("fused", "naive", "copy") == op_providers(optional=False)
+        assert pyreft_version() is None
+    finally:
+        pyreft_module.cache_clear()
+
+
+def _op_row(providers: tuple[str, ...]) -> dict:
+    timing = {"median": 2e-3, "q1": 1e-3, "q3": 3e-3, "samples": 3}
+    row = {"mode": "forward", "N": 256, "d": 2048, "r": 4, "dtype": "float32"}
+    row |= {p: timing | {"median": 1e-3 * (i + 1)} for i, p in enumerate(providers)}
+    row["peak_bytes"] = {p: MiB * (i + 1) for i, p in enumerate(providers)}
+    row |= {f"speedup_vs_{p}": float(i + 1) for i, p in enumerate(providers)}
+    return row | {"fused_over_copy": 1.5}
+
+
+def test_op_table_has_a_column_per_measured_provider():
+    base = format_table([_op_row(("fused", "naive", "copy"))]).splitlines()
+    assert base[0] == (
+        "| mode | N | d | r | dtype | fused ms | naive ms | copy ms | naive/fused | fused/copy "
+        "| peak MiB (fused / naive / copy) |"
+    )
+    assert base[2].endswith("| 1.000 | 2.000 | 3.000 | 2.00x | 1.50 | 1.0 / 2.0 / 3.0 |")
+    assert format_table([]).splitlines()[0] == base[0]
+
+    extra = format_table([_op_row(("fused", "naive", "pyreft", "copy"))]).splitlines()
+    assert extra[0] == (
+        "| mode | N | d | r | dtype | fused ms | naive ms | pyreft ms | copy ms | naive/fused "
+        "| pyreft/fused | fused/copy | peak MiB (fused / naive / pyreft / copy) |"
+    )
+    assert all(line.count("|") == extra[0].count("|") for line in extra)
+    assert extra[2].endswith("| 3.000 | 4.000 | 2.00x | 3.00x | 1.50 | 1.0 / 2.0 / 3.0 / 4.0 |")

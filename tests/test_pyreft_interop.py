@@ -84,3 +84,64 @@ def test_pyreft_training_save_and_load_with_our_class(tmp_path):
         h = torch.randn(3, EMBED)
         theirs = intervention[0] if isinstance(intervention, (tuple, list)) else intervention
         assert torch.allclose(ours(h), theirs.eval()(h), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_bench_pyreft_provider_runs_pyrefts_module_with_the_cases_weights(mode):
+    """The benchmark's ``pyreft`` provider: pyreft's own module, loaded with the case's R, W, b,
+    computes reft_ext.reference.loreft (fp32, ≤ 1e-5 relative), and forward+backward returns the
+    gradients of h and of the module's trainable parameters (W and b match the reference's)."""
+    from reft_ext import reference
+    from reft_ext.bench.cases import (
+        OpCase,
+        make_inputs,
+        op_providers,
+        provider_call,
+        pyreft_intervention,
+    )
+
+    assert op_providers() == ("fused", "naive", "pyreft", "copy")
+    case = OpCase(N=33, d=EMBED, r=RANK, dtype="float32", mode=mode)
+    inputs = make_inputs(case, torch.device("cpu"), sets=2)
+    call = provider_call(case, "pyreft", inputs)
+    for x in inputs * 2:  # the call rotates through the input sets
+        result = call()
+        h, R, W, b = (t.detach().clone().requires_grad_() for t in (x.h, x.R, x.W, x.b))
+        expected = reference.loreft(h, R, W, b)
+        tol = 1e-5 * expected.abs().max()
+        if mode == "forward":
+            assert not result.requires_grad
+            assert (result - expected).abs().max() <= tol
+            continue
+        module = pyreft_intervention(x.R, x.W, x.b, torch.float32, torch.device("cpu"))
+        assert isinstance(module, pyreft.LoreftIntervention)
+        assert torch.allclose(module.rotate_layer.weight.T, x.R.detach(), atol=1e-6)
+        names = [name for name, p in module.named_parameters() if p.requires_grad]
+        grads = dict(zip(["h", *names], result, strict=True))
+        want = dict(zip("hWb", torch.autograd.grad(expected, (h, W, b), x.grad_out), strict=True))
+        scale = {k: 1e-5 * g.abs().max() for k, g in want.items()}
+        assert (grads["h"] - want["h"]).abs().max() <= scale["h"]
+        assert (grads["learned_source.weight"] - want["W"]).abs().max() <= scale["W"]
+        assert (grads["learned_source.bias"] - want["b"]).abs().max() <= scale["b"]
+        rotate = grads["rotate_layer.parametrizations.weight.original"]
+        assert rotate.shape == (EMBED, RANK) and torch.isfinite(rotate).all()
+
+
+def test_bench_table_shows_the_pyreft_column(tmp_path):
+    """A run of the benchmark CLI in pyreft's environment has the pyreft column and its JSON."""
+    import json
+
+    from reft_ext.bench.__main__ import main as bench_main
+
+    threads = torch.get_num_threads()
+    try:
+        args = ["--quick", "--repeats", "3", "--threads", "1", "--out", str(tmp_path)]
+        assert bench_main(args + ["--only", "forward-N256-d2048-r4-float32"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((tmp_path / "results.json").read_text())
+    (row,) = results["ops"]
+    assert results["machine"]["pyreft"] == "0.1.0"
+    assert list(row["peak_bytes"]) == ["fused", "naive", "pyreft", "copy"]
+    assert row["speedup_vs_pyreft"] == row["pyreft"]["median"] / row["fused"]["median"]
+    assert "| pyreft/fused |" in (tmp_path / "table.md").read_text()

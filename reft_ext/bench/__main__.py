@@ -1,5 +1,8 @@
 """``python -m reft_ext.bench`` / ``reft-bench``: fused vs naive LoReFT on this device, as a table.
 
+Where pyreft is importable the op table also times pyreft's own LoReFT module (provider
+``pyreft``, see reft_ext.bench.cases); elsewhere that column is absent.
+
 Writes ``results.json`` (machine info, every timing and each provider's peak memory), ``table.md``
 and ``bench.png`` (speedup plot; needs matplotlib) into ``--out`` (default ``./reft-bench``).
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .cases import (
+    ROOFLINE,
     HookCase,
     OpCase,
     RetractionCase,
@@ -26,7 +30,9 @@ from .cases import (
     input_sets_for,
     make_inputs,
     op_cases,
+    op_providers,
     provider_call,
+    pyreft_version,
     retraction_call,
     retraction_cases,
     train_step_calls,
@@ -72,6 +78,7 @@ def machine_info(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "malloc_settings": {k: os.environ.get(k) for k in MALLOC_SETTINGS},
+        "pyreft": pyreft_version(),  # None: pyreft not importable, no ``pyreft`` provider
     }
 
 
@@ -98,14 +105,24 @@ def format_mib(row: dict, providers: tuple[str, ...]) -> str:
     return " / ".join(f"{peaks[p] / 2**20:.1f}" if p in peaks else "-" for p in providers)
 
 
+def baselines(providers) -> list[str]:
+    """The providers compared with ``fused``: all but fused itself and the copy_ roofline."""
+    return [p for p in providers if p not in ("fused", ROOFLINE)]
+
+
 def run_case(case: OpCase, device: torch.device, repeats: int) -> dict:
-    """Time fused, naive and (forward cases) copy_ interleaved; return the row of the table."""
+    """Time the op providers (fused, naive, pyreft where importable, copy_) interleaved.
+
+    Returns the row of the table: besides ``measure``'s fields, ``speedup_vs_<baseline>`` (its
+    median ÷ fused's) per baseline and ``fused_over_copy``.
+    """
     inputs = make_inputs(case, device, input_sets_for(case))
-    providers = {p: provider_call(case, p, inputs) for p in ("fused", "naive", "copy")}
+    providers = {p: provider_call(case, p, inputs) for p in op_providers()}
     row, timings = measure(case, providers, device, repeats=repeats)
-    del inputs
-    row["speedup_vs_naive"] = timings["naive"].median / timings["fused"].median
-    row["fused_over_copy"] = timings["fused"].median / timings["copy"].median
+    del inputs, providers
+    for baseline in baselines(timings):
+        row[f"speedup_vs_{baseline}"] = timings[baseline].median / timings["fused"].median
+    row["fused_over_copy"] = timings["fused"].median / timings[ROOFLINE].median
     return row
 
 
@@ -187,18 +204,30 @@ def format_train_step(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The op table: a time column per provider measured in ``rows`` (``-`` where a row lacks it),
+    then baseline ÷ fused per baseline, fused ÷ copy and the peak memories.
+
+    Providers come from the rows (their ``peak_bytes``, in measuring order), so a saved run
+    renders as it was measured; with no rows, the providers that always exist.
+    """
+    providers = list(dict.fromkeys(p for row in rows for p in row["peak_bytes"]))
+    providers = providers or list(op_providers(optional=False))
+    compared = baselines(providers)
     head = (
-        "| mode | N | d | r | dtype | fused ms | naive ms | copy ms | naive/fused | fused/copy "
-        "| peak MiB (fused / naive / copy) |"
+        "| mode | N | d | r | dtype | "
+        + "".join(f"{p} ms | " for p in providers)
+        + "".join(f"{p}/fused | " for p in compared)
+        + f"fused/copy | peak MiB ({' / '.join(providers)}) |"
     )
-    lines = [head, "|" + "---|" * 11]
-    ms = lambda t: f"{t['median'] * 1e3:.3f}"  # noqa: E731
+    lines = [head, "|" + "---|" * (7 + len(providers) + len(compared))]
+    ms = lambda t: f"{t['median'] * 1e3:.3f}" if t else "-"  # noqa: E731
+    ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
     for row in rows:
         lines.append(
             f"| {row['mode']} | {row['N']} | {row['d']} | {row['r']} | {row['dtype']} | "
-            f"{ms(row['fused'])} | {ms(row['naive'])} | {ms(row['copy'])} | "
-            f"{row['speedup_vs_naive']:.2f}x | {row['fused_over_copy']:.2f} | "
-            f"{format_mib(row, ('fused', 'naive', 'copy'))} |"
+            + "".join(f"{ms(row.get(p))} | " for p in providers)
+            + "".join(f"{ratio(row.get(f'speedup_vs_{p}'))} | " for p in compared)
+            + f"{row['fused_over_copy']:.2f} | {format_mib(row, tuple(providers))} |"
         )
     return "\n".join(lines)
 
@@ -230,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(device)
     print(
         f"reft_ext benchmark on {info['gpu'] or info['cpu']} ({info['threads']} threads), "
-        f"torch {info['torch']}",
+        f"torch {info['torch']}" + (f", pyreft {info['pyreft']}" if info["pyreft"] else ""),
         flush=True,
     )
 
@@ -241,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     for case in selected(op_cases(args.quick)):
         rows.append(run_case(case, device, repeats))
         r = rows[-1]
-        print(
-            f"  {case.name}: fused {r['fused']['median'] * 1e3:.3f} ms, "
-            f"naive {r['naive']['median'] * 1e3:.3f} ms ({r['speedup_vs_naive']:.2f}x)",
-            flush=True,
+        compared = ", ".join(
+            f"{p} {r[p]['median'] * 1e3:.3f} ms ({r[f'speedup_vs_{p}']:.2f}x)"
+            for p in baselines(r["peak_bytes"])
         )
+        print(f"  {case.name}: fused {r['fused']['median'] * 1e3:.3f} ms, {compared}", flush=True)
     retraction_rows = []
     for case in selected(retraction_cases(args.quick)):
         retraction_rows.append(run_retraction_case(case, device, max(5, repeats // 2)))

@@ -1,16 +1,23 @@
 """Benchmark cases and providers, shared by ``python -m reft_ext.bench`` and ``bench/*.py``.
 
 A case is one shape, dtype and mode (``forward`` or ``forward_backward``) of the LoReFT op.
-Providers: ``fused`` (reft_ext.loreft), ``naive`` (reft_ext.reference.loreft, pyreft's
-composite) and ``copy`` (``out.copy_(h)``, the memory roofline of a pass that reads h and writes
-an output).
+Providers (:func:`op_providers`, in table order): ``fused`` (reft_ext.loreft), ``naive``
+(reft_ext.reference.loreft, pyreft's composite), ``pyreft`` (pyreft's own ``LoreftIntervention``
+module; only where pyreft is importable) and ``copy`` (``out.copy_(h)``, the memory roofline of a
+pass that reads h and writes an output).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import io
 import itertools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from types import ModuleType
 
 import torch
 
@@ -19,6 +26,46 @@ from ..functional import loreft
 
 MODES = ("forward", "forward_backward")
 PROVIDERS: dict[str, Callable[..., torch.Tensor]] = {"fused": loreft, "naive": reference.loreft}
+ROOFLINE = "copy"
+
+
+@functools.cache
+def pyreft_module() -> ModuleType | None:
+    """The ``pyreft`` package, or None where it is not importable (imported once, on first use).
+
+    pyvene prints a note about nnsight to stdout when imported; it is swallowed here.
+    """
+    if importlib.util.find_spec("pyreft") is None:
+        return None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import pyreft
+    except ImportError:
+        return None
+    return pyreft
+
+
+def pyreft_version() -> str | None:
+    """pyreft's version where the ``pyreft`` provider is available, else None."""
+    if pyreft_module() is None:
+        return None
+    try:
+        return importlib.metadata.version("pyreft")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout on the path
+        return "unknown"
+
+
+# Providers that exist only where their package is importable: name -> its package, or None.
+OPTIONAL_PROVIDERS: dict[str, Callable[[], ModuleType | None]] = {"pyreft": pyreft_module}
+
+
+def op_providers(optional: bool = True) -> tuple[str, ...]:
+    """The op cases' providers in table order: fused, naive, the importable optional ones, copy.
+
+    ``optional=False`` gives the ones that always exist (and imports nothing).
+    """
+    available = [p for p, find in OPTIONAL_PROVIDERS.items() if optional and find() is not None]
+    return (*PROVIDERS, *available, ROOFLINE)
 
 
 @dataclass(frozen=True)
@@ -89,17 +136,60 @@ def input_sets_for(case: OpCase, cache_bytes: int = 64 << 20) -> int:
     return 4 if case.N * case.d * torch.finfo(case.torch_dtype).bits // 8 * 3 <= cache_bytes else 1
 
 
+def pyreft_intervention(
+    R: torch.Tensor, W: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.nn.Module:
+    """pyreft's own ``LoreftIntervention`` holding R (r, d), W (r, d) and b (r,), on ``device``.
+
+    Loaded the way pyreft loads a checkpoint (its ``load_state_dict``: W and b into the learned
+    source ``Linear(d, r)``, R.T into the base of the orthogonally parametrized ``rotate_layer``
+    (d, r)), so reading ``rotate_layer.weight`` recomputes the parametrization, as in pyreft.
+    The learned source is in ``dtype`` (h's: pyreft's Linear does not cast its input), the rotate
+    layer float32, as pyreft keeps it. pyreft's random initialisation draws from a forked RNG, so
+    the benchmark's inputs are the same with or without pyreft installed.
+    """
+    pyreft = pyreft_module()
+    if pyreft is None:
+        raise ImportError("the pyreft provider needs pyreft (pip install pyreft)")
+    r, d = R.shape
+    state = {"weight": W.detach(), "bias": b.detach(), "rotate_layer": R.detach().T.contiguous()}
+    with torch.random.fork_rng(devices=[]):
+        module = pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=r, dtype=dtype)
+        module.to(device).load_state_dict(state)
+    return module
+
+
 def provider_call(case: OpCase, provider: str, inputs: list[OpInputs]) -> Callable[[], object]:
-    """A zero-argument callable running ``provider`` on the next input set each call."""
+    """A zero-argument callable running ``provider`` on the next input set each call.
+
+    Forward cases return the output (computed under no_grad); forward+backward ones the gradients
+    of h and of the parameters: R, W, b for the functional providers, the module's trainable
+    parameters (``module.parameters()`` order) for ``pyreft``, one module per input set.
+    """
     counter = itertools.count()
 
-    if provider == "copy":
+    if provider == ROOFLINE:
 
         def run_copy():
             x = inputs[next(counter) % len(inputs)]
             return x.copy_target.copy_(x.h.detach())
 
         return run_copy
+
+    if provider == "pyreft":
+        modules = [pyreft_intervention(x.R, x.W, x.b, case.torch_dtype, x.h.device) for x in inputs]
+        trainable = [[p for p in m.parameters() if p.requires_grad] for m in modules]
+
+        def run_pyreft():
+            i = next(counter) % len(inputs)
+            x, module = inputs[i], modules[i]
+            if case.mode == "forward":
+                with torch.no_grad():
+                    return module(x.h)
+            out = module(x.h)
+            return torch.autograd.grad(out, (x.h, *trainable[i]), x.grad_out)
+
+        return run_pyreft
 
     fn = PROVIDERS[provider]
 
