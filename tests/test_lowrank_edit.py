@@ -185,6 +185,34 @@ def test_raw_ops_match_truth(device):
         assert_close_rel(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [37, 64])
+def test_low_precision_rows_round_like_torch(device, dtype, d):
+    """Rows are widened exactly and rounded to nearest even as torch rounds, specials included.
+
+    With P = 0, b = 1 and r = 1 the kernel's output is h + q rounded once to float32 and then to
+    h's dtype: the same two roundings as ``(h.float() + q).to(dtype)``, so the results must be
+    equal bit for bit (NaN where torch gives NaN). Non-finite values go in q, not in h: in h they
+    would make z = h Pᵀ + b NaN for the whole row, as IEEE arithmetic says.
+    """
+    N = 9  # two blocks of four rows and a tail row
+    info = torch.finfo(dtype)
+    h = torch.randn(N, d, device=device).to(dtype)
+    h[0, :5] = torch.tensor([info.max, -info.max, info.tiny / 8, -0.0, info.max], dtype=dtype)
+    q = (torch.randn(1, d, device=device) * 2.0**-7).to(dtype).float()  # between h's neighbours
+    q[0, :8] = torch.tensor([0, 0, 0, 0, info.max, float("nan"), float("inf"), -float("inf")])
+    P = torch.zeros(1, d, device=device)
+    b = torch.ones(1, device=device)
+    out, _ = torch.ops.reft_ext.lowrank_edit_forward(h, P, q, b)
+    expected = (h.float() + q).to(dtype)  # row 0, column 4: max + max overflows to inf
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan], expected[~nan])
+    # Widening is exact: with the edit switched off (Q = 0) the output is h itself.
+    out, _ = torch.ops.reft_ext.lowrank_edit_forward(h, P, torch.zeros_like(q), b)
+    assert torch.equal(out, h)
+
+
 # --------------------------------------------------------------------------------------------------
 # torch.compile
 
