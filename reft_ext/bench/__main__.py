@@ -10,7 +10,6 @@ and ``bench.png`` (speedup plot; needs matplotlib) into ``--out`` (default ``./r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ from .cases import (
     retraction_cases,
     train_step_calls,
 )
+from .machine import machine_info
 from .memory import peak_bytes
 from .plot import save_plot
 from .timing import Timing, time_interleaved
@@ -59,24 +59,10 @@ def _reexec_with_malloc_settings() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "reft_ext.bench", *sys.argv[1:]], env)
 
 
-def machine_info(device: torch.device) -> dict:
-    """CPU model, threads, torch/CUDA versions, GPU name and the date of the run."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+def run_info(device: torch.device) -> dict:
+    """machine_info plus what this benchmark depends on: malloc settings, pyreft's version."""
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
+        **machine_info(device),
         "malloc_settings": {k: os.environ.get(k) for k in MALLOC_SETTINGS},
         "pyreft": pyreft_version(),  # None: pyreft not importable, no ``pyreft`` provider
     }
@@ -256,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     repeats = args.repeats or (11 if args.quick else 21)
-    info = machine_info(device)
+    info = run_info(device)
     print(
         f"reft_ext benchmark on {info['gpu'] or info['cpu']} ({info['threads']} threads), "
         f"torch {info['torch']}" + (f", pyreft {info['pyreft']}" if info["pyreft"] else ""),
