@@ -1,12 +1,15 @@
 // Row math of the low-rank edit  out = x + (x Pᵀ + b) Q,  shared by the CPU and CUDA back-ends.
 //
 // Both back-ends walk a row of width d in "strips" of V consecutive elements and build every
-// quantity of the forward and backward pass from three strip primitives:
-//   dot_lanes   lane[v] += x[v] * w[v]         (projections z = P x, gz = Q g)
-//   axpy_lanes  y[v]    += a * w[v]            (edits x + zᵀQ, g + gzᵀP, and ∂P += gz hᵀ, ∂Q += z
-//   gᵀ) sum_lanes   fixed-order pairwise sum of V lanes
-// V is a compile-time constant, so the CPU compiler vectorizes the lane loops and the CUDA compiler
-// keeps the lanes in registers. Every sum runs in a fixed order: results are deterministic.
+// quantity of the forward and backward pass from three strip operations:
+//   dot     lane[v] += x[v] * w[v]    (projections z = P x, gz = Q g)
+//   axpy    y[v]    += a * w[v]       (edits x + zᵀQ, g + gzᵀP; ∂P += gz hᵀ, ∂Q += z gᵀ)
+//   sum     fixed-order pairwise sum of the V lanes
+// The CUDA kernels use the array forms below (dot_lanes, axpy_lanes, load/store_strip), which nvcc
+// keeps in registers. On the CPU the same operations are written on compiler vector types
+// (csrc/cpu/simd_lanes.h): GCC vectorizes the array forms call by call but keeps the arrays on the
+// stack between calls. Both end with sum_lanes, so every sum runs in a fixed order and results are
+// deterministic.
 #pragma once
 
 #include <cstdint>

@@ -7,6 +7,9 @@
 // one.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #define REFT_ROW_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__)
@@ -18,11 +21,19 @@
 
 namespace reft_ext {
 
+// REFT_EXT_CPU_KERNELS=portable (read once per process) forces the portable build: the tests use
+// it to check the code path of CPUs without AVX2.
+inline bool portable_forced() {
+  const char* choice = std::getenv("REFT_EXT_CPU_KERNELS");
+  return choice != nullptr && std::strcmp(choice, "portable") == 0;
+}
+
 // The AVX2+FMA entry point where this CPU has both (and the build has the variant), else portable.
 template <typename Fn>
 Fn kernel_variant(Fn portable, [[maybe_unused]] Fn avx2) {
 #if defined(REFT_HAS_AVX2_VARIANT)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has =
+      !portable_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (has) return avx2;
 #endif
   return portable;

@@ -1,5 +1,7 @@
-// CPU implementation of the low-rank edit ops: rows split over threads with at::parallel_for, each
-// row handled in strips of kLanes elements that the compiler vectorizes (csrc/lowrank_edit.h).
+// CPU implementation of the low-rank edit ops: rows split over threads with at::parallel_for, rows
+// taken in blocks of kRowBlock and walked in register-wide strips (csrc/cpu/simd_lanes.h); the
+// accumulation types, the fixed-order lane sum and the deterministic partial-sum grouping come from
+// csrc/lowrank_edit.h, as in the CUDA kernels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,12 +12,12 @@
 
 #include "../lowrank_edit.h"
 #include "../lowrank_edit_checks.h"
+#include "convert.h"
 #include "isa_dispatch.h"
+#include "simd_lanes.h"
 
 namespace reft_ext {
 namespace {
-
-constexpr int kLanes = 16;
 
 // The row in accumulation precision: the row itself when it already is, else converted into buffer.
 template <typename scalar_t, typename acc_t>
@@ -23,7 +25,7 @@ REFT_ROW_INLINE const acc_t* row_as_acc(const scalar_t* row, int64_t d, acc_t* b
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return row;
   } else {
-    for (int64_t j = 0; j < d; ++j) buffer[j] = static_cast<acc_t>(row[j]);
+    widen(row, d, buffer);
     return buffer;
   }
 }
@@ -36,17 +38,19 @@ constexpr int kRowBlock = 4;
 template <int M, typename acc_t>
 REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
                                   int64_t r, acc_t* const* z) {
-  const int64_t full = d - d % kLanes;
+  constexpr int V = Vec<acc_t>::kLanes;
+  const int64_t full = d - d % V;
   for (int64_t k = 0; k < r; ++k) {
     const acc_t* w = P + k * d;
-    acc_t lane[M][kLanes] = {};
-    for (int64_t j = 0; j < full; j += kLanes) {
-      for (int i = 0; i < M; ++i) dot_lanes<kLanes>(lane[i], x[i] + j, w + j);
+    vec_t<acc_t> lane[M] = {};
+    for (int64_t j = 0; j < full; j += V) {
+      const vec_t<acc_t> wj = load_vec(w + j);
+      for (int i = 0; i < M; ++i) lane[i] += load_vec(x[i] + j) * wj;
     }
     for (int i = 0; i < M; ++i) {
       acc_t tail = 0;
       for (int64_t j = full; j < d; ++j) tail += x[i][j] * w[j];
-      z[i][k] = sum_lanes<kLanes>(lane[i]) + tail + (b ? b[k] : acc_t(0));
+      z[i][k] = reduce_vec<acc_t>(lane[i]) + tail + (b ? b[k] : acc_t(0));
     }
   }
 }
@@ -55,20 +59,22 @@ REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const a
 template <int M, typename scalar_t, typename acc_t>
 REFT_ROW_INLINE void edit_rows(const acc_t* const* x, const acc_t* const* z, const acc_t* Q,
                                int64_t d, int64_t r, scalar_t* const* y) {
-  const int64_t full = d - d % kLanes;
-  for (int64_t j = 0; j < full; j += kLanes) {
-    acc_t strip[M][kLanes];
-    for (int i = 0; i < M; ++i) load_strip<kLanes>(strip[i], x[i] + j);
+  constexpr int V = Vec<acc_t>::kLanes;
+  const int64_t full = d - d % V;
+  for (int64_t j = 0; j < full; j += V) {
+    vec_t<acc_t> strip[M];
+    for (int i = 0; i < M; ++i) strip[i] = load_vec(x[i] + j);
     for (int64_t k = 0; k < r; ++k) {
-      for (int i = 0; i < M; ++i) axpy_lanes<kLanes>(strip[i], z[i][k], Q + k * d + j);
+      const vec_t<acc_t> qj = load_vec(Q + k * d + j);
+      for (int i = 0; i < M; ++i) strip[i] += z[i][k] * qj;
     }
-    for (int i = 0; i < M; ++i) store_strip<kLanes>(y[i] + j, strip[i]);
+    for (int i = 0; i < M; ++i) narrow_vec<scalar_t, acc_t>(strip[i], y[i] + j);
   }
   for (int i = 0; i < M; ++i) {
     for (int64_t j = full; j < d; ++j) {
       acc_t value = x[i][j];
       for (int64_t k = 0; k < r; ++k) value += z[i][k] * Q[k * d + j];
-      y[i][j] = static_cast<scalar_t>(value);
+      narrow(&value, 1, y[i] + j);
     }
   }
 }
@@ -77,14 +83,14 @@ REFT_ROW_INLINE void edit_rows(const acc_t* const* x, const acc_t* const* z, con
 template <int M, typename acc_t>
 REFT_ROW_INLINE void accumulate_rows(acc_t* acc, const acc_t* const* c, const acc_t* const* x,
                                      int64_t d, int64_t r) {
-  const int64_t full = d - d % kLanes;
+  constexpr int V = Vec<acc_t>::kLanes;
+  const int64_t full = d - d % V;
   for (int64_t k = 0; k < r; ++k) {
     acc_t* a = acc + k * d;
-    for (int64_t j = 0; j < full; j += kLanes) {
-      acc_t strip[kLanes];
-      load_strip<kLanes>(strip, a + j);
-      for (int i = 0; i < M; ++i) axpy_lanes<kLanes>(strip, c[i][k], x[i] + j);
-      store_strip<kLanes>(a + j, strip);
+    for (int64_t j = 0; j < full; j += V) {
+      vec_t<acc_t> strip = load_vec(a + j);
+      for (int i = 0; i < M; ++i) strip += c[i][k] * load_vec(x[i] + j);
+      store_vec(a + j, strip);
     }
     for (int64_t j = full; j < d; ++j) {
       for (int i = 0; i < M; ++i) a[j] += c[i][k] * x[i][j];
