@@ -13,6 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+import tiny_models  # noqa: E402
+
 import reft_ext  # noqa: E402
 from reft_ext import ReftConfig, ReftModel, get_reft_model  # noqa: E402
 
@@ -20,24 +22,8 @@ VOCAB, HIDDEN, LAYERS = 96, 32, 2
 
 
 def tiny_llama(seed=0, hidden=HIDDEN, layers=LAYERS, dtype=torch.float32):
-    """A random 2-block Llama in eval mode; generation never stops early (no eos)."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    """The shared tiny Llama (tests/tiny_models.py) at this module's default size."""
+    return tiny_models.tiny_llama(seed, hidden, layers, VOCAB, dtype=dtype)
 
 
 def padded_batch(lengths, total, side="right", seed=1):

@@ -5,25 +5,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from reft_ext.integrations.pyreft import load_pyreft_checkpoint, read_pyreft_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pyreft_loreft_ckpt"
 
 
-def tiny_llama(hidden=64, layers=4):
+def tiny_llama(hidden=64):
     """A random Llama of the fixture's shape (its base weights were not saved by pyreft)."""
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_models.tiny_llama(hidden=hidden, layers=4, vocab=64)
 
 
 def test_imported_interventions_reproduce_pyreft_outputs():

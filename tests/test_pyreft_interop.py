@@ -10,25 +10,14 @@ import torch
 pyreft = pytest.importorskip("pyreft")
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import tiny_llama  # noqa: E402
+
 from reft_ext.integrations.pyreft import (  # noqa: E402
     LoreftIntervention,
     load_pyreft_checkpoint,
 )
 
 EMBED, RANK = 64, 4
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=EMBED,
-        intermediate_size=2 * EMBED,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def test_same_outputs_and_keys_as_pyreft_loreft():
@@ -47,7 +36,7 @@ def test_same_outputs_and_keys_as_pyreft_loreft():
 
 def test_pyreft_training_save_and_load_with_our_class(tmp_path):
     """pyreft's ReftModel trains with our class, saves, reloads, and reft_ext imports the save."""
-    model = tiny_llama()
+    model = tiny_llama(hidden=EMBED, layers=4, vocab=64)
     layers = [1, 2]
     config = pyreft.ReftConfig(
         representations=[
@@ -77,7 +66,9 @@ def test_pyreft_training_save_and_load_with_our_class(tmp_path):
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
     reft_model.save(str(tmp_path))
-    imported = load_pyreft_checkpoint(tiny_llama(), tmp_path, positions="f1+l1").eval()
+    imported = load_pyreft_checkpoint(
+        tiny_llama(hidden=EMBED, layers=4, vocab=64), tmp_path, positions="f1+l1"
+    ).eval()
     for key, intervention in reft_model.interventions.items():
         layer = int(key.split("_")[1])
         (ours,) = [m for k, m in imported.interventions.items() if k.startswith(f"layer{layer}_")]
