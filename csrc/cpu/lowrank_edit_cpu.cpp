@@ -34,25 +34,36 @@ REFT_ROW_INLINE const acc_t* row_as_acc(const scalar_t* row, int64_t d, acc_t* b
 // once per block instead of once per row, which keeps those r×d matrices out of the row's way.
 constexpr int kRowBlock = 4;
 
-// z[i][k] = Σ_j P[k, j] x[i][j] + b[k] for the M rows x[i] (b may be null).
-template <int M, typename acc_t>
-REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
-                                  int64_t r, acc_t* const* z) {
+// z[i][k] = Σ_j P[k, j] x[i][j] + b[k] for the M rows x[i], ranks [k, k + K) (b may be null).
+template <int M, int K, typename acc_t>
+REFT_ROW_INLINE void project_ranks(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
+                                   int64_t k, acc_t* const* z) {
   constexpr int V = Vec<acc_t>::kLanes;
   const int64_t full = d - d % V;
-  for (int64_t k = 0; k < r; ++k) {
-    const acc_t* w = P + k * d;
-    vec_t<acc_t> lane[M] = {};
-    for (int64_t j = 0; j < full; j += V) {
-      const vec_t<acc_t> wj = load_vec(w + j);
-      for (int i = 0; i < M; ++i) lane[i] += load_vec(x[i] + j) * wj;
+  vec_t<acc_t> lane[K][M] = {};
+  for (int64_t j = 0; j < full; j += V) {
+    for (int q = 0; q < K; ++q) {
+      const vec_t<acc_t> wj = load_vec(P + (k + q) * d + j);
+      for (int i = 0; i < M; ++i) lane[q][i] += load_vec(x[i] + j) * wj;
     }
+  }
+  for (int q = 0; q < K; ++q) {
+    const acc_t* w = P + (k + q) * d;
     for (int i = 0; i < M; ++i) {
       acc_t tail = 0;
       for (int64_t j = full; j < d; ++j) tail += x[i][j] * w[j];
-      z[i][k] = reduce_vec<acc_t>(lane[i]) + tail + (b ? b[k] : acc_t(0));
+      z[i][k + q] = reduce_vec<acc_t>(lane[q][i]) + tail + (b ? b[k + q] : acc_t(0));
     }
   }
+}
+
+// All r projections, two ranks per sweep: each loaded strip of a row feeds two accumulators.
+template <int M, typename acc_t>
+REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
+                                  int64_t r, acc_t* const* z) {
+  int64_t k = 0;
+  for (; k + 2 <= r; k += 2) project_ranks<M, 2>(x, P, b, d, k, z);
+  if (k < r) project_ranks<M, 1>(x, P, b, d, k, z);
 }
 
 // y[i] = x[i] + Σ_k z[i][k] Q[k, :] for the M rows, written in y's dtype; each strip of y once.
