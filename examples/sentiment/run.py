@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, how
 import adapters  # noqa: E402
 import data  # noqa: E402
 import report  # noqa: E402
-from smollm2 import default_cache_dir, load_smollm2  # noqa: E402
+from smollm2 import load_smollm2  # noqa: E402
 from task import SentimentTask, accuracy  # noqa: E402
 from train import train  # noqa: E402
 
@@ -40,7 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny subset, a few steps")
     parser.add_argument("--out", type=Path, default=Path("sentiment-demo"), help="output folder")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="converted-model cache (default: ~/.cache/reft_ext/...)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--train-per-class", type=int, default=500)
     parser.add_argument("--validation-per-class", type=int, default=50)
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    base, tokenizer = load_smollm2(args.cache_dir or default_cache_dir())
+    base, tokenizer = load_smollm2(args.cache_dir)
     base.to(device)
     task = SentimentTask(tokenizer)
     splits = data.split(

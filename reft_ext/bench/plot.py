@@ -38,6 +38,23 @@ def _draw(ax, groups: dict[tuple, list[dict]], value, colors: dict) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def agg_figure(path: str | Path, **figure_kwargs):
+    """A matplotlib ``Figure`` on the Agg canvas, for writing ``path``; None when matplotlib is
+    not installed, after printing a one-line note that ``path`` was skipped.
+
+    Figure + the Agg canvas directly: no pyplot, so no GUI backend and no global state.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"{path} skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    fig = Figure(**figure_kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def save_plot(results: dict, path: str | Path) -> bool:
     """Write the PNG for ``results`` (the dict of ``results.json``) to ``path``.
 
@@ -47,21 +64,15 @@ def save_plot(results: dict, path: str | Path) -> bool:
     median ÷ fused median; 1 = at the memory roofline). Returns False, after printing a one-line
     note, when matplotlib is not installed; the benchmark's other files do not need it.
     """
-    try:
-        # Figure + the Agg canvas directly: no pyplot, so no GUI backend and no global state.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        print(f"{path} skipped: matplotlib is not installed (pip install matplotlib)")
-        return False
     machine = results["machine"]
     rows = results["ops"]
     on_cuda = str(machine["device"]).startswith("cuda")
+    fig = agg_figure(path, figsize=(6 * (2 + on_cuda), 4.8), layout="constrained")
+    if fig is None:
+        return False
     keys = sorted({(row["d"], row["r"]) for row in rows})
     colors = {key: f"C{i % 10}" for i, key in enumerate(keys)}
 
-    fig = Figure(figsize=(6 * (2 + on_cuda), 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2 + on_cuda, squeeze=False)[0]
     for ax, mode in zip(axes, MODE_TITLES, strict=False):
         _draw(ax, _groups(rows, mode), lambda row: row["speedup_vs_naive"], colors)
