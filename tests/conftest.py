@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
+# "cuda_emulated": CPU tensors, with reft_ext's ops routed to csrc/cuda run by the CUDA emulator
+# (tests/cuda_emulation), so every device test also checks the CUDA kernels without a GPU.
+EMULATED = pytest.param("cpu", id="cuda_emulated", marks=pytest.mark.cuda_emulated)
 DEVICES = [
     "cpu",
+    EMULATED,
     pytest.param(
         "cuda",
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
@@ -14,16 +18,41 @@ DEVICES = [
 ]
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda_emulated: run reft_ext's ops through the emulated CUDA kernels"
+    )
+    config.addinivalue_line(
+        "markers",
+        "not_emulated: a device test too long for the emulator (long training loops); it runs on "
+        "cpu and cuda only",
+    )
+
+
 def pytest_generate_tests(metafunc):
-    """Run every test that takes a ``device`` argument once per entry of DEVICES."""
+    """Run every test that takes a ``device`` argument once per entry of DEVICES (tests marked
+    not_emulated leave out the emulated entry)."""
     if "device" in metafunc.fixturenames:
-        metafunc.parametrize("device", DEVICES)
+        emulated = metafunc.definition.get_closest_marker("not_emulated") is None
+        metafunc.parametrize("device", [d for d in DEVICES if emulated or d is not EMULATED])
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """Tests marked cuda_emulated run with reft_ext's ops routed to the emulated CUDA kernels."""
+    if request.node.get_closest_marker("cuda_emulated") is None:
+        yield
+        return
+    from cuda_emulation import emulated
+
+    with emulated.routed():
+        yield
 
 
 def random_inputs(shape, r, dtype, param_dtype=None, device="cpu", requires_grad=True, d=None):

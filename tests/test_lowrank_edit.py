@@ -1,7 +1,7 @@
 """Tests of the fused low-rank edits against independent float64 references.
 
-The float64 truth below is written here with einsum (not taken from reft_ext), and its gradients
-come from autograd of that composite. ``reft_ext.reference`` is used only as the low-precision
+The float64 truth (tests/truth.py) is written with einsum (not taken from reft_ext), and its
+gradients come from autograd of that composite. ``reft_ext.reference`` is used only as the low-precision
 yardstick.
 """
 
@@ -14,30 +14,14 @@ import torch
 
 import reft_ext
 from reft_ext import reference
-
-# --------------------------------------------------------------------------------------------------
-# Independent float64 truth
-
-
-def _project(h, A):
-    return torch.einsum("...d,rd->...r", h, A)
-
-
-def _expand(z, B):
-    return torch.einsum("...r,rd->...d", z, B)
-
-
-def truth_lowrank_edit(h, P, Q, b):
-    return h + _expand(_project(h, P) + b, Q)
-
-
-def truth_loreft(h, R, W, b):
-    return h + _expand(_project(h, W) + b - _project(h, R), R)
-
-
-def truth_direft(h, R, W, b):
-    return h + _expand(_project(h, W) + b, R)
-
+from truth import (
+    REL_TOL,
+    assert_close_rel,
+    max_abs_err,
+    truth_direft,
+    truth_loreft,
+    truth_lowrank_edit,
+)
 
 OPS = {
     "lowrank_edit": (reft_ext.lowrank_edit, truth_lowrank_edit, reference.lowrank_edit, ("P", "Q")),
@@ -45,10 +29,6 @@ OPS = {
     "direft": (reft_ext.direft, truth_direft, reference.direft, ("R", "W")),
 }
 OP_NAMES = list(OPS)
-
-# Relative tolerance (to the largest magnitude of the expected tensor) by result dtype.
-REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-
 
 def _identity(x):
     return x
@@ -71,14 +51,6 @@ def fused_and_truth(op, leaves, view=_identity, grad_out=None):
     return (out, grads), (out64.detach(), grads64), grad_out
 
 
-def assert_close_rel(actual, expected, rel=None):
-    """``actual`` matches float64 ``expected`` within ``rel`` of expected's largest magnitude."""
-    rel = REL_TOL[actual.dtype] if rel is None else rel
-    assert actual.shape == expected.shape
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.double(), expected, rtol=rel, atol=rel * max(scale, 1e-300))
-
-
 def check_against_truth(op, leaves, view=_identity, grad_out=None):
     """Values, dtypes and all gradients of ``op`` on ``leaves`` match the float64 truth."""
     (out, grads), (out64, grads64), _ = fused_and_truth(op, leaves, view, grad_out)
@@ -88,10 +60,6 @@ def check_against_truth(op, leaves, view=_identity, grad_out=None):
     for leaf, g, g64 in zip(leaves, grads, grads64, strict=True):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape
         assert_close_rel(g, g64)
-
-
-def max_abs_err(actual, expected):
-    return (actual.double() - expected.double()).abs().max().item()
 
 
 # --------------------------------------------------------------------------------------------------

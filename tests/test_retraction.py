@@ -12,6 +12,7 @@ import torch
 
 import reft_ext
 from reft_ext.retraction import is_stiefel
+from truth import max_rel, orth_error, polar_truth, qr_truth
 
 METHODS = ["cholqr2", "qr", "polar"]
 ROW_SPACE_METHODS = ["cholqr2", "qr"]  # those that return the sign-fixed QR factor
@@ -28,37 +29,10 @@ MATCH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, to
 # Independent float64 truth and measures
 
 
-def orth_error(Q):
-    """max |Q Qᵀ − I| in float64, for (r, d) or (k, r, d)."""
-    Q = Q.detach().to(torch.float64)
-    eye = torch.eye(Q.shape[-2], dtype=torch.float64, device=Q.device)
-    return (Q @ Q.mT - eye).abs().max().item()
-
-
-def qr_truth(R):
-    """The Q with orthonormal rows and R = T Q, T lower triangular with diag(T) > 0 (float64)."""
-    Q, T = torch.linalg.qr(R.detach().to(torch.float64).mT)
-    signs = torch.sign(torch.diagonal(T, dim1=-2, dim2=-1))
-    signs[signs == 0] = 1
-    return (Q * signs.unsqueeze(-2)).mT
-
-
-def polar_truth(R):
-    """U Vᵀ of the thin SVD R = U S Vᵀ (float64)."""
-    U, _, Vh = torch.linalg.svd(R.detach().to(torch.float64), full_matrices=False)
-    return U @ Vh
-
-
 def row_space_residual(R0, Q):
     """‖R0 − R0 Qᵀ Q‖ / ‖R0‖ in float64: 0 when every row of R0 lies in Q's row space."""
     R0, Q = R0.detach().to(torch.float64), Q.detach().to(torch.float64)
     return ((R0 - R0 @ Q.mT @ Q).norm() / R0.norm()).item()
-
-
-def max_rel(actual, expected):
-    """max |actual − expected| / max |expected|, in float64."""
-    actual, expected = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
 
 
 def tangent_truth(R, G):
@@ -498,6 +472,7 @@ def _regression_run(
     return worst, losses[0], losses[-1], (model.R.detach() - R_start).norm().item()
 
 
+@pytest.mark.not_emulated  # 500 optimizer steps; the kernel's cases are in tests/cuda_emulation
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_orthonormal_adamw_500_steps(device, method, dtype):
@@ -507,6 +482,7 @@ def test_keep_orthonormal_adamw_500_steps(device, method, dtype):
     assert moved > 0.1  # and R did move on the manifold
 
 
+@pytest.mark.not_emulated  # 500 optimizer steps
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("project_grad", "micro_batches"), [(True, 1), (False, 2), (True, 2)])
 def test_keep_orthonormal_project_grad_and_accumulation(device, dtype, project_grad, micro_batches):

@@ -13,8 +13,8 @@ kernels of csrc/cuda, run on CPU tensors by the emulator. Variants:
   barriers and warp exchanges it takes part in (data races between CUDA threads); run it with
   ``REFT_EXT_EMU_CONCURRENT_BLOCKS=2`` to also race two blocks.
 
-Builds are cached under ``build/cuda_emulation/`` by a hash of every input (sources, flags, torch,
-compiler); ``REFT_EXT_EMU_BUILD_DIR`` moves the cache.
+Object files are cached under ``build/cuda_emulation/`` by a hash of their inputs (sources, headers,
+flags, torch, compiler); ``REFT_EXT_EMU_BUILD_DIR`` moves the cache.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _compiler_version() -> str:
 
 
 def _units_and_flags(csrc: Path, src_dir: Path, variant: str):
-    from rewrite import rewrite_tree
+    from .rewrite import rewrite_tree
 
     units = rewrite_tree(csrc, src_dir)
     common = _common_flags()
@@ -80,46 +80,59 @@ def _units_and_flags(csrc: Path, src_dir: Path, variant: str):
     return jobs
 
 
-def _digest(csrc: Path, variant: str) -> str:
+def _object_digest(unit: Path, flags: list[str], headers: list[Path]) -> str:
+    """Hash of what an object file depends on: the unit, every header it may include, the flags,
+    torch and the compiler (a planted bug in one file recompiles that file only)."""
     h = hashlib.sha256()
-    for path in sorted([*csrc.rglob("*"), *RUNTIME.rglob("*"), *INCLUDE.rglob("*")]):
-        if path.is_file() and path.suffix in {".cu", ".cuh", ".h", ".cpp"}:
-            h.update(str(path).encode())
-            h.update(path.read_bytes())
-    for path in (HERE / "rewrite.py", Path(__file__)):
+    for path in [unit, *headers]:
+        h.update(str(path).encode())
         h.update(path.read_bytes())
-    h.update(f"{variant} {torch.__version__} {_compiler_version()}".encode())
-    return h.hexdigest()[:16]
+    h.update(" ".join(flags).encode())
+    h.update(f"{torch.__version__} {_compiler_version()}".encode())
+    return h.hexdigest()[:20]
 
 
 def _compile(unit: Path, flags: list[str], obj: Path) -> None:
     # The CUDA files include "../x.h" relative to their own folder: the rewritten tree keeps csrc's
     # layout, so they find the rewritten copies.
-    cmd = [CXX, *flags, "-c", str(unit), "-o", str(obj)]
+    cmd = [CXX, *flags, "-c", str(unit), "-o", str(obj) + ".tmp"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(
             f"CUDA emulation: compiling {unit.name} failed:\n{done.stderr[-20000:]}\ncommand: "
             + " ".join(cmd)
         )
+    os.replace(str(obj) + ".tmp", obj)
 
 
-def build_library(variant: str = "default", csrc: Path | None = None, cache: Path | None = None) -> Path:
-    """Compile (or reuse) the emulation library of ``csrc`` (default: this repo's) for ``variant``."""
+def build_library(
+    variant: str = "default", csrc: Path | None = None, cache: Path | None = None
+) -> Path:
+    """Compile (or reuse) the emulation library of ``csrc`` (default: this repo's) for ``variant``.
+
+    Object files are cached by content under ``cache`` (default ``build/cuda_emulation`` or
+    ``REFT_EXT_EMU_BUILD_DIR``); the library goes next to the rewritten sources.
+    """
     if variant not in SANITIZER_FLAGS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     csrc = (csrc or REPO / "csrc").resolve()
-    cache = cache or Path(os.environ.get("REFT_EXT_EMU_BUILD_DIR", REPO / "build" / "cuda_emulation"))
-    out = cache / f"{variant}-{_digest(csrc, variant)}"
-    library = out / "libreft_ext_emu.so"
+    default_cache = os.environ.get("REFT_EXT_EMU_BUILD_DIR", REPO / "build" / "cuda_emulation")
+    cache = Path(cache or default_cache)
+    tree = cache / ("tree-" + hashlib.sha256(f"{csrc} {variant}".encode()).hexdigest()[:12])
+    jobs = _units_and_flags(csrc, tree / "src", variant)
+    headers = sorted(
+        p for p in [*(tree / "src").rglob("*"), *RUNTIME.rglob("*.h"), *INCLUDE.rglob("*.h")]
+        if p.suffix in {".h", ".cuh"}
+    )
+    objects = [cache / "objects" / f"{_object_digest(u, f, headers)}.o" for u, f in jobs]
+    objects[0].parent.mkdir(parents=True, exist_ok=True)
+    library = tree / f"libreft_ext_emu-{hashlib.sha256(str(objects).encode()).hexdigest()[:12]}.so"
     if library.exists():
         return library
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = _units_and_flags(csrc, out / "src", variant)
-    objects = [out / f"{unit.parent.name}_{unit.name}.o" for unit, _ in jobs]
+    missing = [(u, f, o) for (u, f), o in zip(jobs, objects) if not o.exists()]
     workers = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
     with ThreadPoolExecutor(workers) as pool:
-        for result in [pool.submit(_compile, u, f, o) for (u, f), o in zip(jobs, objects)]:
+        for result in [pool.submit(_compile, u, f, o) for u, f, o in missing]:
             result.result()
     lib_dir = cpp_extension.library_paths()[0]
     link = [CXX, "-shared", *SANITIZER_FLAGS[variant], *map(str, objects), f"-L{lib_dir}"]
@@ -151,6 +164,5 @@ def sanitizer_env(variant: str) -> dict[str, str]:
     return env
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
+if __name__ == "__main__":  # python -m cuda_emulation.emu_build [variant]   (from tests/)
     print(build_library(sys.argv[1] if len(sys.argv) > 1 else "default"))

@@ -21,8 +21,10 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <cstdio>
@@ -42,6 +44,9 @@
 
 #if defined(CUDA_EMU_TSAN)
 #include <sanitizer/tsan_interface.h>
+// Exported by libtsan, not declared in its public header: ignore this fiber's reads and writes.
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
 #endif
 #if defined(CUDA_EMU_ASAN)
 #include <sanitizer/asan_interface.h>
@@ -60,6 +65,16 @@ constexpr size_t kSharedLimit = 48 * 1024;   // static + dynamic shared memory w
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 
 [[noreturn]] void fail_host(const std::string& message) { throw std::runtime_error(message); }
+
+// TSan: the emulator's own bookkeeping is shared by the fibers without synchronization (they are
+// ordered by the emulated barriers instead), and the inline std:: code it uses may be the
+// instrumented copy from a CUDA file: its memory accesses are ignored, its annotations kept.
+struct IgnoreEmulatorAccesses {
+#if defined(CUDA_EMU_TSAN)
+  IgnoreEmulatorAccesses() { __tsan_ignore_thread_begin(); }
+  ~IgnoreEmulatorAccesses() { __tsan_ignore_thread_end(); }
+#endif
+};
 
 std::string site_text(const char* file, int line) {
   std::string path = file ? file : "?";
@@ -163,6 +178,84 @@ std::string check_canaries() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Context switch. On x86-64 a few instructions (callee-saved registers, MXCSR and the x87 control
+// word: what the ABI keeps across a call); glibc's swapcontext also saves the signal mask with a
+// system call, which made it 30x slower. Elsewhere ucontext.
+
+#if defined(__x86_64__)
+struct Context {
+  void* sp = nullptr;
+};
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+extern "C" void cuda_emu_trampoline();
+asm(R"(
+.text
+.globl cuda_emu_switch
+.type cuda_emu_switch,@function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size cuda_emu_switch,.-cuda_emu_switch
+.globl cuda_emu_trampoline
+.type cuda_emu_trampoline,@function
+cuda_emu_trampoline:
+  call cuda_emu_fiber_entry@PLT
+  ud2
+.size cuda_emu_trampoline,.-cuda_emu_trampoline
+)");
+extern "C" void cuda_emu_fiber_entry();
+
+// A fresh stack whose first switch "returns" into the trampoline, 16-byte aligned for its call.
+void make_context(Context& c, void* stack, size_t bytes) {
+  auto top = reinterpret_cast<uintptr_t>(stack) + bytes;
+  top &= ~uintptr_t(15);
+  auto* slot = reinterpret_cast<uint64_t*>(top);
+  *--slot = 0;  // padding: the return address sits at 8 mod 16, so rsp % 16 == 0 after the ret
+  *--slot = 0;
+  *--slot = reinterpret_cast<uint64_t>(&cuda_emu_trampoline);
+  for (int i = 0; i < 6; ++i) *--slot = 0;  // rbp rbx r12 r13 r14 r15
+  uint32_t control[2];
+  asm volatile("stmxcsr %0" : "=m"(control[0]));
+  asm volatile("fnstcw %0" : "=m"(control[1]));
+  *--slot = uint64_t(control[0]) | (uint64_t(control[1] & 0xffff) << 32);
+  c.sp = slot;
+}
+inline void switch_context(Context& from, Context& to) { cuda_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+extern "C" void cuda_emu_fiber_entry();
+void make_context(Context& c, void* stack, size_t bytes) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, &cuda_emu_fiber_entry, 0);
+}
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// ------------------------------------------------------------------------------------------------
 // Fibers and blocks
 
 enum class State { Runnable, AtBarrier, AtWarp, Done };
@@ -199,7 +292,7 @@ Stack& pooled_stack(size_t index) {
 struct Block;
 
 struct Fiber {
-  ucontext_t context;
+  Context context;
   Stack* stack = nullptr;
   Block* block = nullptr;
   uint3 thread_idx{0, 0, 0};
@@ -242,7 +335,7 @@ struct Launch {
   dim3 grid, block;
   size_t dynamic_shared = 0;
   const std::function<void()>* body = nullptr;
-  ucontext_t scheduler;
+  Context scheduler;
   void* scheduler_tsan = nullptr;
   const void* scheduler_stack = nullptr;  // ASan: the host stack's bounds, to switch back to it
   size_t scheduler_stack_bytes = 0;
@@ -299,7 +392,7 @@ void switch_to_fiber(Launch& L, Fiber& f) {
   __sanitizer_start_switch_fiber(&fake, static_cast<char*>(f.stack->memory) + getpagesize(),
                                  f.stack->bytes);
 #endif
-  swapcontext(&L.scheduler, &f.context);
+  switch_context(L.scheduler, f.context);
 #if defined(CUDA_EMU_ASAN)
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -319,7 +412,7 @@ void yield_to_scheduler(Fiber& f, bool synchronize) {
   __sanitizer_start_switch_fiber(f.state == State::Done ? nullptr : &fake, L.scheduler_stack,
                                  L.scheduler_stack_bytes);
 #endif
-  swapcontext(&f.context, &L.scheduler);
+  switch_context(f.context, L.scheduler);
 #if defined(CUDA_EMU_ASAN)
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -328,15 +421,27 @@ void yield_to_scheduler(Fiber& f, bool synchronize) {
 // A fault seen inside a fiber: the launch stops; run_grid throws on the host stack.
 [[noreturn]] void fail_in_kernel(const std::string& message) {
   Fiber& f = self();
-  Launch& L = *active;
-  if (!L.failed) {
-    L.failed = true;
-    L.error = where(L) + ": " + message;
+  {
+    const IgnoreEmulatorAccesses ignore;
+    Launch& L = *active;
+    if (!L.failed) {
+      L.failed = true;
+      L.error = where(L) + ": " + message;
+    }
+    f.state = State::Done;
   }
-  f.state = State::Done;
   yield_to_scheduler(f, true);
   std::abort();  // the scheduler never resumes a fiber of a failed launch
 }
+
+void fiber_entry();
+}  // namespace
+}  // namespace cuda_emu
+
+extern "C" void cuda_emu_fiber_entry() { cuda_emu::fiber_entry(); }
+
+namespace cuda_emu {
+namespace {
 
 void fiber_entry() {
   Launch& L = *active;
@@ -351,20 +456,23 @@ void fiber_entry() {
   } catch (...) {
     fail_in_kernel("unknown exception in " + thread_name(f));
   }
-  f.state = State::Done;
-  Block& b = *f.block;
-  --b.live;
-  // Lanes that wait for this one at a warp exchange can never complete it.
-  for (const Fiber& other : b.fibers) {
-    if (other.warp == f.warp && other.state == State::AtWarp && ((other.mask >> f.lane) & 1u)) {
-      fail_in_kernel("lane " + std::to_string(f.lane) + " of " + thread_name(f) +
-                     " exited while lane " + std::to_string(other.lane) + " waits for it at " +
-                     other.what + " (" + site_text(other.file, other.line) + ") with mask 0x" +
-                     [&] {
-                       char hex[16];
-                       std::snprintf(hex, sizeof hex, "%08x", other.mask);
-                       return std::string(hex);
-                     }());
+  {
+    const IgnoreEmulatorAccesses ignore;
+    f.state = State::Done;
+    Block& b = *f.block;
+    --b.live;
+    // Lanes that wait for this one at a warp exchange can never complete it.
+    for (const Fiber& other : b.fibers) {
+      if (other.warp == f.warp && other.state == State::AtWarp && ((other.mask >> f.lane) & 1u)) {
+        fail_in_kernel("lane " + std::to_string(f.lane) + " of " + thread_name(f) +
+                       " exited while lane " + std::to_string(other.lane) + " waits for it at " +
+                       other.what + " (" + site_text(other.file, other.line) + ") with mask 0x" +
+                       [&] {
+                         char hex[16];
+                         std::snprintf(hex, sizeof hex, "%08x", other.mask);
+                         return std::string(hex);
+                       }());
+      }
     }
   }
   yield_to_scheduler(f, true);
@@ -468,6 +576,7 @@ void try_complete_warp(Block& b, Fiber& arriving) {
 
 uint64_t warp_exchange(const char* file, int line, const char* what, unsigned mask, uint64_t value,
                        int kind, int arg, int width) {
+  const IgnoreEmulatorAccesses ignore;
   Fiber& f = self();
   if (!((mask >> f.lane) & 1u)) {
     fail_in_kernel(std::string(what) + " (" + site_text(file, line) + ") called by lane " +
@@ -499,11 +608,15 @@ uint64_t warp_exchange(const char* file, int line, const char* what, unsigned ma
 }
 
 unsigned warp_vote(const char* file, int line, const char* what, unsigned mask, int predicate) {
-  self().predicate = predicate != 0;
+  {
+    const IgnoreEmulatorAccesses ignore;
+    self().predicate = predicate != 0;
+  }
   return static_cast<unsigned>(warp_exchange(file, line, what, mask, 0, 5, 0, kWarp));
 }
 
 unsigned active_mask() {
+  const IgnoreEmulatorAccesses ignore;
   Fiber& f = self();
   unsigned mask = 0;
   for (const Fiber& other : f.block->fibers)
@@ -512,6 +625,7 @@ unsigned active_mask() {
 }
 
 int syncthreads_reduce(const char* file, int line, int predicate, int op) {
+  const IgnoreEmulatorAccesses ignore;
   Fiber& f = self();
   f.file = file;
   f.line = line;
@@ -564,6 +678,7 @@ std::string check_shared(const SharedBuffer& s) {
 }  // namespace
 
 void* block_shared_storage(const char* site, const std::type_info& type, size_t bytes, size_t align) {
+  const IgnoreEmulatorAccesses ignore;
   Fiber& f = self();
   Block& b = *f.block;
   if (align > kCanary) fail_in_kernel(std::string("__shared__ ") + site + " needs alignment over 64");
@@ -576,6 +691,7 @@ void* block_shared_storage(const char* site, const std::type_info& type, size_t 
 }
 
 void* dynamic_shared_storage(const char* site) {
+  const IgnoreEmulatorAccesses ignore;
   Fiber& f = self();
   Block& b = *f.block;
   if (!b.dynamic.memory) {
@@ -657,11 +773,7 @@ std::unique_ptr<Block> start_block(Launch& L, uint64_t linear, size_t first_stac
     __asan_unpoison_memory_region(static_cast<char*>(f.stack->memory) + getpagesize(),
                                   f.stack->bytes);
 #endif
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = static_cast<char*>(f.stack->memory) + getpagesize();
-    f.context.uc_stack.ss_size = f.stack->bytes;
-    f.context.uc_link = nullptr;
-    makecontext(&f.context, &fiber_entry, 0);
+    make_context(f.context, static_cast<char*>(f.stack->memory) + getpagesize(), f.stack->bytes);
 #if defined(CUDA_EMU_TSAN)
     f.tsan_fiber = __tsan_create_fiber(0);
 #endif
@@ -669,12 +781,16 @@ std::unique_ptr<Block> start_block(Launch& L, uint64_t linear, size_t first_stac
   return b;
 }
 
-void destroy_block(Block& b) {
+// TSan fibers of a failed launch are left alive: they stopped mid-kernel, possibly inside the
+// emulator with its accesses ignored, which TSan refuses at a fiber's end.
+void destroy_block(Block& b, bool failed) {
 #if defined(CUDA_EMU_TSAN)
-  for (Fiber& f : b.fibers)
-    if (f.tsan_fiber) __tsan_destroy_fiber(f.tsan_fiber);
+  if (!failed)
+    for (Fiber& f : b.fibers)
+      if (f.tsan_fiber) __tsan_destroy_fiber(f.tsan_fiber);
 #else
   (void)b;
+  (void)failed;
 #endif
 }
 
@@ -748,6 +864,7 @@ void check_launch_config(const LaunchSite& site, dim3 grid, dim3 block, size_t d
 
 void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic_shared,
               const std::function<void()>& body) {
+  const IgnoreEmulatorAccesses ignore;
   if (active != nullptr) fail_host("cuda_emu: a kernel launched from inside a kernel");
   if (unchecked_launch) {
     unchecked_launch = false;
@@ -780,7 +897,7 @@ void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic_shar
   std::vector<size_t> slot_of;  // per running block: its stack slot
   size_t next = 0;
   auto finish = [&] {
-    for (auto& b : L.running) destroy_block(*b);
+    for (auto& b : L.running) destroy_block(*b, L.failed);
     L.running.clear();
     active = nullptr;
     coordinates = saved;
@@ -825,7 +942,7 @@ void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic_shar
           L.error = where(L) + ": " + bad;
           break;
         }
-        destroy_block(b);
+        destroy_block(b, false);
         slot_used[slot_of[i]] = 0;
         slot_of.erase(slot_of.begin() + i);
         L.running.erase(L.running.begin() + i);
@@ -869,6 +986,7 @@ thread_local c10::Allocator* previous_allocator = nullptr;
 }  // namespace
 
 void begin_device_scope() {
+  const IgnoreEmulatorAccesses ignore;
   if (scope_depth++ == 0) {
     previous_allocator = c10::GetCPUAllocator();
     c10::SetCPUAllocator(&poison_allocator, /*priority=*/255);
@@ -876,6 +994,7 @@ void begin_device_scope() {
 }
 
 void end_device_scope() {
+  const IgnoreEmulatorAccesses ignore;
   if (--scope_depth == 0) {
     c10::SetCPUAllocator(previous_allocator, /*priority=*/255);
     if (unchecked_launch) {

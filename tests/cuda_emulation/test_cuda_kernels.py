@@ -1,0 +1,183 @@
+"""The CUDA kernels on shapes chosen for their launch geometry, against the float64 truth.
+
+Every shape below fills all 32 lanes of the warps that reduce and hits a tail of the kernels'
+tiling (csrc/cuda): row tiles of 4 rows (N % 4 != 0), rank chunks of 8 (r % 8 != 0), column sweeps
+of 256 threads × V elements (d beyond one sweep), the 16-byte vectorized path and the scalar one
+(d % V != 0, or a misaligned row pointer), several parameter-gradient groups with a partial last one,
+and, for the retraction, warps that run different numbers of shuffles and the Householder fallback.
+
+The same tests run on the emulated CUDA device (CPU tensors, every test run) and on a real GPU
+where one is present (bench/gpu_check.sh), so the two can be compared shape for shape.
+"""
+
+import pytest
+import torch
+
+import reft_ext
+from reft_ext import reference
+from truth import (
+    assert_close_rel,
+    max_abs_err,
+    max_rel,
+    orth_error,
+    polar_truth,
+    qr_truth,
+    truth_lowrank_edit,
+)
+
+GPUS = [
+    pytest.param("cpu", id="emulated", marks=pytest.mark.cuda_emulated),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
+]
+
+
+@pytest.fixture(params=GPUS)
+def gpu(request):
+    """The device a CUDA kernel runs on: "cpu" under the emulator, "cuda" on a GPU."""
+    return request.param
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# (N, d, r, dtype, misaligned): what each case reaches is in its id.
+EDIT_CASES = {
+    "fp32-vec-row-tail-rank-tail-2-sweeps": (13, 1028, 11, torch.float32, False),
+    "fp32-scalar-d-2-sweeps-full-chunk": (6, 1030, 8, torch.float32, False),
+    "fp32-misaligned-rows-scalar": (5, 1028, 3, torch.float32, True),
+    "fp64-vec-2-sweeps": (7, 514, 9, torch.float64, False),
+    "bf16-vec-2-sweeps": (9, 2056, 5, torch.bfloat16, False),
+    "fp16-odd-d-scalar-3-chunks": (3, 2049, 17, torch.float16, False),
+    "fp32-3-groups-partial-last": (301, 300, 2, torch.float32, False),
+    "bf16-3-groups-pairs": (260, 514, 1, torch.bfloat16, False),
+    "fp64-one-row-one-column": (1, 1, 1, torch.float64, False),
+}
+
+
+def _edit_inputs(N, d, r, dtype, misaligned, device):
+    acc = _acc(dtype)
+    h64 = torch.randn(N, d, dtype=torch.float64)
+    if misaligned:  # contiguous rows whose start is one element past a 16-byte boundary
+        h = torch.empty(N * d + 1, dtype=dtype, device=device)[1:].view(N, d)
+        h.copy_(h64)
+    else:
+        h = h64.to(device, dtype)
+    P = (torch.randn(r, d, dtype=torch.float64) / d**0.5).to(device, acc)
+    Q = (torch.randn(r, d, dtype=torch.float64) / d**0.5).to(device, acc)
+    b = torch.randn(r, dtype=torch.float64).to(device, acc)
+    return [t.requires_grad_() for t in (h, P, Q, b)]
+
+
+@pytest.mark.parametrize("case", list(EDIT_CASES))
+def test_edit_forward_backward_match_truth(gpu, case):
+    """Output and the gradients of h, P, Q, b match the float64 truth; bf16/fp16 h within 2× the
+    error of the naive composite in the same dtype (P, Q, b gradients accumulate in float32)."""
+    N, d, r, dtype, misaligned = EDIT_CASES[case]
+    leaves = _edit_inputs(N, d, r, dtype, misaligned, gpu)
+    out = reft_ext.lowrank_edit(*leaves)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out64 = truth_lowrank_edit(*leaves64)
+    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    if dtype in (torch.float64, torch.float32):
+        assert_close_rel(out, out64.detach())
+        for g, g64 in zip(grads, grads64, strict=True):
+            assert_close_rel(g, g64)
+        return
+    naive = reference.lowrank_edit(*leaves)
+    (naive_grad_h,) = torch.autograd.grad(naive, leaves[0], grad_out)
+    assert max_abs_err(out, out64) <= 2 * max_abs_err(naive, out64) + 1e-6
+    assert max_abs_err(grads[0], grads64[0]) <= 2 * max_abs_err(naive_grad_h, grads64[0]) + 1e-6
+    for g, g64 in zip(grads[1:], grads64[1:], strict=True):
+        assert_close_rel(g, g64, rel=1e-4)
+
+
+def _edit_bits(gpu):
+    N, d, r, dtype, misaligned = EDIT_CASES["fp32-3-groups-partial-last"]
+    torch.manual_seed(1)
+    leaves = _edit_inputs(N, d, r, dtype, misaligned, gpu)
+    out = reft_ext.lowrank_edit(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+
+
+SCHEDULES = {
+    "reverse-blocks": {"REFT_EXT_EMU_BLOCK_ORDER": "reverse"},
+    "random-blocks": {"REFT_EXT_EMU_BLOCK_ORDER": "random:7"},
+    "two-blocks-at-a-time": {"REFT_EXT_EMU_CONCURRENT_BLOCKS": "2"},
+    "descending-warps": {"REFT_EXT_EMU_WARP_ORDER": "descending"},
+}
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_edit_bitwise_deterministic_across_runs_and_schedules(schedule, monkeypatch):
+    """The edit kernels use no atomics and fixed reduction orders: the same bits on a second run
+    and whatever order the blocks and warps run in."""
+    first, second = _edit_bits("cpu"), _edit_bits("cpu")
+    for name, value in SCHEDULES[schedule].items():
+        monkeypatch.setenv(name, value)
+    scheduled = _edit_bits("cpu")
+    for a, b, c in zip(first, second, scheduled, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------------------------------
+# Retraction
+
+# (k, r, d): r = 5 gives 15 Gram pairs over 8 warps (warps run 2 or 1 shuffle sequences), r = 32
+# fills every warp, d = 1030 takes the d-long passes beyond one sweep of 256 threads.
+RETRACT_SHAPES = [(3, 1, 300), (2, 5, 5), (3, 5, 1030), (2, 32, 300)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+ORTH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+MATCH_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+@pytest.mark.parametrize("method", ["cholqr2", "qr", "polar"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", RETRACT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_retract_matches_truth(gpu, shape, dtype, method):
+    """Rows orthonormal and equal to the float64 sign-fixed QR factor (polar: U Vᵀ)."""
+    R0 = torch.randn(shape, dtype=torch.float64).to(gpu, dtype)
+    R = reft_ext.retract_(R0.clone(), method)
+    assert orth_error(R) <= ORTH_TOL[dtype]
+    truth = polar_truth(R0) if method == "polar" else qr_truth(R0)
+    assert max_rel(R, truth) <= MATCH_TOL[dtype]
+
+
+# κ above the first Cholesky pass's bound (≈ u^-1/4: 64 in float32, 1e4 in float64), below 1/u.
+FALLBACK_KAPPA = {torch.float64: (1e7, 1e-8), torch.float32: (1e3, 1e-3)}  # κ, match tolerance
+
+
+@pytest.mark.parametrize("method", ["cholqr2", "polar"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_retract_householder_fallback(gpu, dtype, method):
+    """A rank-deficient matrix (repeated rows) and an ill-conditioned one fail the Cholesky pivot
+    test and take the Householder path: orthonormal rows, and on the full-rank one still the unique
+    factor (to κ·u)."""
+    base = torch.randn(4, 1030, dtype=torch.float64)
+    repeated = torch.cat([base, base[:2]])  # rows 4, 5 repeat rows 0, 1
+    kappa, tol = FALLBACK_KAPPA[dtype]
+    U, _, Vh = torch.linalg.svd(torch.randn(6, 1030, dtype=torch.float64), full_matrices=False)
+    ill = U @ torch.diag(torch.logspace(0, -torch.log10(torch.tensor(kappa)).item(), 6,
+                                        dtype=torch.float64)) @ Vh
+    assert orth_error(reft_ext.retract_(repeated.to(gpu, dtype), method)) <= ORTH_TOL[dtype]
+    R = reft_ext.retract_(ill.to(gpu, dtype), method)
+    assert orth_error(R) <= ORTH_TOL[dtype]
+    assert max_rel(R, polar_truth(ill) if method == "polar" else qr_truth(ill)) <= tol
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_retract_bitwise_deterministic_across_schedules(schedule, monkeypatch):
+    R0 = torch.randn(5, 5, 1030)
+    first = reft_ext.retract_(R0.clone(), "polar")
+    for name, value in SCHEDULES[schedule].items():
+        monkeypatch.setenv(name, value)
+    assert torch.equal(first, reft_ext.retract_(R0.clone(), "polar"))
