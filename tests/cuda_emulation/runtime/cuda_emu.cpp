@@ -27,6 +27,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -305,6 +306,7 @@ struct Fiber {
   unsigned mask = 0;
   uint64_t value = 0, result = 0;
   int kind = 0, arg = 0, width = kWarp, predicate = 0;
+  uint64_t generation = 0;  // of the barrier or warp exchange it waits at
   bool started = false;
   void* tsan_fiber = nullptr;
 };
@@ -328,6 +330,14 @@ struct Block {
   size_t shared_bytes = 0;
   SharedBuffer dynamic;
   int barrier_value = 0;
+  // TSan sync objects: a barrier (warp exchange) of generation g releases and acquires slot g % 2,
+  // so that a thread leaving it early and releasing again at the next one does not order its later
+  // writes before the reads of threads still leaving this one. (Two sub-warp groups exchanging at
+  // the same time share a warp's slot: the one case where the emulator orders more than CUDA.)
+  uint64_t barrier_generation = 0;
+  char barrier_sync[2] = {};
+  std::vector<uint64_t> warp_generation;
+  std::vector<std::array<char, 2>> warp_sync;
 };
 
 struct Launch {
@@ -570,6 +580,7 @@ void try_complete_warp(Block& b, Fiber& arriving) {
   }
   for (Fiber* f : lanes)
     if (f) f->state = State::Runnable;
+  ++b.warp_generation[arriving.warp];
 }
 
 }  // namespace
@@ -596,13 +607,18 @@ uint64_t warp_exchange(const char* file, int line, const char* what, unsigned ma
   f.arg = arg;
   f.width = width;
   f.state = State::AtWarp;
+  Block& b = *f.block;
+  f.generation = b.warp_generation[f.warp];
+  char* sync = &b.warp_sync[f.warp][f.generation % 2];
 #if defined(CUDA_EMU_TSAN)
-  __tsan_release(&f.block->fibers[f.warp * kWarp]);
+  __tsan_release(sync);
 #endif
-  try_complete_warp(*f.block, f);
+  try_complete_warp(b, f);
   if (f.state == State::AtWarp) yield_to_scheduler(f, false);
 #if defined(CUDA_EMU_TSAN)
-  __tsan_acquire(&f.block->fibers[f.warp * kWarp]);
+  __tsan_acquire(sync);
+#else
+  (void)sync;
 #endif
   return f.result;
 }
@@ -633,12 +649,16 @@ int syncthreads_reduce(const char* file, int line, int predicate, int op) {
   f.predicate = predicate != 0;
   f.kind = op;
   f.state = State::AtBarrier;
+  f.generation = f.block->barrier_generation;
+  char* sync = &f.block->barrier_sync[f.generation % 2];
 #if defined(CUDA_EMU_TSAN)
-  __tsan_release(f.block);
+  __tsan_release(sync);
 #endif
   yield_to_scheduler(f, false);
 #if defined(CUDA_EMU_TSAN)
-  __tsan_acquire(f.block);
+  __tsan_acquire(sync);
+#else
+  (void)sync;
 #endif
   return f.block->barrier_value;
 }
@@ -761,6 +781,8 @@ std::unique_ptr<Block> start_block(Launch& L, uint64_t linear, size_t first_stac
   const unsigned n = L.block.x * L.block.y * L.block.z;
   b->fibers.resize(n);
   b->live = static_cast<int>(n);
+  b->warp_generation.assign((n + kWarp - 1) / kWarp, 0);
+  b->warp_sync.resize((n + kWarp - 1) / kWarp);
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = b->fibers[t];
     f.block = b.get();
@@ -835,6 +857,7 @@ bool release_barrier(Launch& L, Block& b) {
   }
   if (first == nullptr) return false;
   b.barrier_value = first->kind == 0 ? count : first->kind == 1 ? all : any;
+  ++b.barrier_generation;
   for (Fiber& f : b.fibers)
     if (f.state == State::AtBarrier) f.state = State::Runnable;
   return true;
