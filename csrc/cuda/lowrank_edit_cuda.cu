@@ -51,11 +51,19 @@ __device__ __forceinline__ void store_vec(scalar_t* dst, const acc_t* values) {
   }
 }
 
+// Resident blocks per SM that edit_rows_kernel is compiled for: the register budget per thread is
+// 65536 / (kThreads · blocks). Three (85 registers) holds the kTileRows × kChunk float accumulators
+// and a 16-byte strip without spilling (ptxas chose 64 and spilled on sm_90); double needs two.
+template <typename acc_t>
+constexpr int edit_rows_min_blocks() {
+  return sizeof(acc_t) == 8 ? 2 : 3;
+}
+
 // For a tile of kTileRows rows x: proj = x Aᵀ (+ c) (N, r) and y = x + proj B.
 // Forward: (A, B, c) = (P, Q, b). Backward: (A, B, c) = (Q, P, null) gives gz and ∂h.
 // V divides d (V = 1 otherwise), so every strip is full.
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
     edit_rows_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ A,
                      const acc_t* __restrict__ B, const acc_t* __restrict__ c,
                      scalar_t* __restrict__ y, acc_t* proj, int64_t N, int64_t d, int r) {

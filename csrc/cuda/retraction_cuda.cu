@@ -57,8 +57,10 @@ __device__ acc_t block_max_abs(const acc_t* x, int64_t n) {
   return value;
 }
 
+// One block per matrix, so a few blocks per GPU: minBlocksPerSM = 1 lets ptxas keep the r×r
+// routines' state in registers (at its default budget it spilled on sm_80 and sm_90).
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     retract_kernel(acc_t* values, acc_t* work_all, acc_t* small_all, int64_t r, int64_t d,
                    int method) {
   using namespace retraction;

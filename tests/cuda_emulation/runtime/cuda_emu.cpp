@@ -1,10 +1,10 @@
-// The CUDA emulator's scheduler: every CUDA thread of a block is a fiber (ucontext) on the launching
-// OS thread, so a launch is deterministic and a wrong synchronization is seen, not raced.
+// The CUDA emulator's scheduler: every CUDA thread of a block is a fiber (ucontext) on the
+// launching OS thread, so a launch is deterministic and a wrong synchronization is seen, not raced.
 //
 // Scheduling: the blocks of a grid run one after another (REFT_EXT_EMU_BLOCK_ORDER = sequential,
-// reverse or random[:seed]) or k at a time, interleaved (REFT_EXT_EMU_CONCURRENT_BLOCKS = k). Within
-// the running blocks, a warp runs until none of its lanes can go on (all wait at a barrier, a warp
-// exchange or have exited) before the next warp runs (REFT_EXT_EMU_WARP_ORDER = ascending or
+// reverse or random[:seed]) or k at a time, interleaved (REFT_EXT_EMU_CONCURRENT_BLOCKS = k).
+// Within the running blocks, a warp runs until none of its lanes can go on (all wait at a barrier,
+// a warp exchange or have exited) before the next warp runs (REFT_EXT_EMU_WARP_ORDER = ascending or
 // descending). Warps therefore drift as far apart as CUDA allows: a read of shared memory that a
 // missing __syncthreads leaves unordered sees the 0xFF poison, not a lucky value.
 //
@@ -61,8 +61,8 @@ thread_local Coordinates coordinates;
 namespace {
 
 constexpr int kWarp = 32;
-constexpr size_t kCanary = 64;               // bytes of canary before and after each buffer
-constexpr size_t kSharedLimit = 48 * 1024;   // static + dynamic shared memory without opt-in
+constexpr size_t kCanary = 64;              // bytes of canary before and after each buffer
+constexpr size_t kSharedLimit = 48 * 1024;  // static + dynamic shared memory without opt-in
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 
 [[noreturn]] void fail_host(const std::string& message) { throw std::runtime_error(message); }
@@ -516,14 +516,18 @@ bool same_site(const Fiber& a, const Fiber& b) {
 int source_lane(int kind, int lane, int arg, int width) {
   const int base = lane & ~(width - 1);
   switch (kind) {
-    case 0: return base + (arg & (width - 1));
+    case 0:
+      return base + (arg & (width - 1));
     case 1: {
       const int src = lane ^ arg;
       return src >= base + width || src < base ? lane : src;
     }
-    case 2: return lane + arg >= base + width ? lane : lane + arg;
-    case 3: return lane - arg < base ? lane : lane - arg;
-    default: return lane;
+    case 2:
+      return lane + arg >= base + width ? lane : lane + arg;
+    case 3:
+      return lane - arg < base ? lane : lane - arg;
+    default:
+      return lane;
   }
 }
 
@@ -536,9 +540,9 @@ void try_complete_warp(Block& b, Fiber& arriving) {
     const int id = first + l;
     if (id >= static_cast<int>(b.fibers.size())) {
       fail_in_kernel(std::string(arriving.what) + " (" + site_text(arriving.file, arriving.line) +
-                     ") with mask " + hex_mask(arriving.mask) + " names lane " +
-                     std::to_string(l) + ", which does not exist in a block of " +
-                     std::to_string(b.fibers.size()) + " threads");
+                     ") with mask " + hex_mask(arriving.mask) + " names lane " + std::to_string(l) +
+                     ", which does not exist in a block of " + std::to_string(b.fibers.size()) +
+                     " threads");
     }
     Fiber& f = b.fibers[id];
     if (f.state == State::Done) {
@@ -645,7 +649,10 @@ int syncthreads_reduce(const char* file, int line, int predicate, int op) {
   Fiber& f = self();
   f.file = file;
   f.line = line;
-  f.what = op == 0 ? "__syncthreads_count" : op == 1 ? "__syncthreads_and" : op == 2 ? "__syncthreads_or" : "__syncthreads";
+  f.what = op == 0   ? "__syncthreads_count"
+           : op == 1 ? "__syncthreads_and"
+           : op == 2 ? "__syncthreads_or"
+                     : "__syncthreads";
   f.predicate = predicate != 0;
   f.kind = op;
   f.state = State::AtBarrier;
@@ -697,11 +704,13 @@ std::string check_shared(const SharedBuffer& s) {
 
 }  // namespace
 
-void* block_shared_storage(const char* site, const std::type_info& type, size_t bytes, size_t align) {
+void* block_shared_storage(const char* site, const std::type_info& type, size_t bytes,
+                           size_t align) {
   const IgnoreEmulatorAccesses ignore;
   Fiber& f = self();
   Block& b = *f.block;
-  if (align > kCanary) fail_in_kernel(std::string("__shared__ ") + site + " needs alignment over 64");
+  if (align > kCanary)
+    fail_in_kernel(std::string("__shared__ ") + site + " needs alignment over 64");
   auto key = std::make_pair(std::string(site), &type);
   auto it = b.shared.find(key);
   if (it == b.shared.end()) {
@@ -761,8 +770,8 @@ std::vector<uint64_t> block_order(uint64_t count) {
     std::shuffle(order.begin(), order.end(), rng);
     return order;
   }
-  fail_host("REFT_EXT_EMU_BLOCK_ORDER must be sequential, reverse or random[:SEED], got '" +
-            mode + "'");
+  fail_host("REFT_EXT_EMU_BLOCK_ORDER must be sequential, reverse or random[:SEED], got '" + mode +
+            "'");
 }
 
 bool warps_descending() {
@@ -875,7 +884,8 @@ void check_launch_config(const LaunchSite& site, dim3 grid, dim3 block, size_t d
   if (block.x == 0 || block.y == 0 || block.z == 0) bad("block has a zero dimension");
   if (threads > kMaxThreadsPerBlock)
     bad(std::to_string(threads) + " threads per block, more than 1024");
-  if (block.x > 1024 || block.y > 1024 || block.z > 64) bad("block dimension over (1024, 1024, 64)");
+  if (block.x > 1024 || block.y > 1024 || block.z > 64)
+    bad("block dimension over (1024, 1024, 64)");
   if (grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
     bad("grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
         std::to_string(grid.z) + ") over (2^31-1, 65535, 65535)");

@@ -1,9 +1,10 @@
-// CUDA runtime emulation: force-included (-include cuda_emu.h) into every rewritten .cu file so that
-// the project's kernels and their ATen host code compile with the system C++ compiler and run on the
-// CPU. Each CUDA thread of a block runs as a fiber (cuda_emu.cpp); __syncthreads is a block barrier,
-// the warp intrinsics are exchanges between the lanes of a warp, and both check that every thread
-// taking part waits at the same call site. rewrite.py turns `kernel<<<grid, block, smem, stream>>>(args)`
-// into cuda_emu::launch(...) and `__shared__` declarations into cuda_emu::block_shared<T>(site).
+// CUDA runtime emulation: force-included (-include cuda_emu.h) into every rewritten .cu file so
+// that the project's kernels and their ATen host code compile with the system C++ compiler and run
+// on the CPU. Each CUDA thread of a block runs as a fiber (cuda_emu.cpp); __syncthreads is a block
+// barrier, the warp intrinsics are exchanges between the lanes of a warp, and both check that every
+// thread taking part waits at the same call site. rewrite.py turns `kernel<<<grid, block, smem,
+// stream>>>(args)` into cuda_emu::launch(...) and `__shared__` declarations into
+// cuda_emu::block_shared<T>(site).
 #pragma once
 
 #include <math.h>  // the float overloads of sqrt, fmax, ... in the global namespace, as CUDA has them
@@ -50,7 +51,11 @@ struct alignas(16) int4 {
 };
 
 typedef struct CUstream_st* cudaStream_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719
+};
 constexpr int warpSize = 32;
 
 namespace cuda_emu {
@@ -88,7 +93,8 @@ void launch(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic_shared
 
 // Static shared memory of the running block for the declaration at `site` (one per type and site),
 // filled with 0xFF bytes when the block starts using it.
-void* block_shared_storage(const char* site, const std::type_info& type, size_t bytes, size_t align);
+void* block_shared_storage(const char* site, const std::type_info& type, size_t bytes,
+                           size_t align);
 template <typename T>
 T& block_shared(const char* site) {
   return *static_cast<T*>(block_shared_storage(site, typeid(T), sizeof(T), alignof(T)));
@@ -104,8 +110,8 @@ void syncthreads(const char* file, int line);
 int syncthreads_reduce(const char* file, int line, int predicate, int op);  // 0 count, 1 and, 2 or
 
 // Warp exchange: every lane named in `mask` deposits `value` at the same site; returns, for the
-// calling lane, the value of its source lane (kind: 0 __shfl_sync's lane index, 1 xor, 2 down, 3 up,
-// 4 none: __syncwarp).
+// calling lane, the value of its source lane (kind: 0 __shfl_sync's lane index, 1 xor, 2 down, 3
+// up, 4 none: __syncwarp).
 uint64_t warp_exchange(const char* file, int line, const char* what, unsigned mask, uint64_t value,
                        int kind, int arg, int width);
 unsigned warp_vote(const char* file, int line, const char* what, unsigned mask, int predicate);
@@ -114,7 +120,8 @@ unsigned active_mask();
 template <typename T>
 T shuffle(const char* file, int line, const char* what, unsigned mask, T value, int kind, int arg,
           int width) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a type over 8 bytes");
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>,
+                "shuffle of a type over 8 bytes");
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
   bits = warp_exchange(file, line, what, mask, bits, kind, arg, width);
@@ -126,8 +133,8 @@ T shuffle(const char* file, int line, const char* what, unsigned mask, T value, 
 // Called by C10_CUDA_KERNEL_LAUNCH_CHECK: marks the last launch of this thread as checked.
 void launch_checked(const char* file, int line);
 
-// The extent of a CUDA host function (its c10::cuda::CUDAGuard): allocations are poisoned inside it;
-// its end raises if the last launch was not checked.
+// The extent of a CUDA host function (its c10::cuda::CUDAGuard): allocations are poisoned inside
+// it; its end raises if the last launch was not checked.
 void begin_device_scope();
 void end_device_scope();
 
@@ -143,8 +150,9 @@ void end_device_scope();
 #define __syncthreads_and(p) ::cuda_emu::syncthreads_reduce(__FILE__, __LINE__, (p), 1)
 #define __syncthreads_or(p) ::cuda_emu::syncthreads_reduce(__FILE__, __LINE__, (p), 2)
 
-#define __shfl_sync(mask, value, lane, ...) \
-  ::cuda_emu::shuffle(__FILE__, __LINE__, "__shfl_sync", (mask), (value), 0, (lane), CUDA_EMU_WIDTH(__VA_ARGS__))
+#define __shfl_sync(mask, value, lane, ...)                                          \
+  ::cuda_emu::shuffle(__FILE__, __LINE__, "__shfl_sync", (mask), (value), 0, (lane), \
+                      CUDA_EMU_WIDTH(__VA_ARGS__))
 #define __shfl_xor_sync(mask, value, lane_mask, ...)                                          \
   ::cuda_emu::shuffle(__FILE__, __LINE__, "__shfl_xor_sync", (mask), (value), 1, (lane_mask), \
                       CUDA_EMU_WIDTH(__VA_ARGS__))
@@ -157,11 +165,12 @@ void end_device_scope();
 // The optional width argument of the shuffles (default warpSize).
 #define CUDA_EMU_WIDTH(...) CUDA_EMU_WIDTH_(__VA_ARGS__ __VA_OPT__(, ) 32, )
 #define CUDA_EMU_WIDTH_(width, ...) width
-#define __syncwarp(...)                                                                     \
+#define __syncwarp(...)                                                                          \
   ((void)::cuda_emu::warp_exchange(__FILE__, __LINE__, "__syncwarp", CUDA_EMU_MASK(__VA_ARGS__), \
                                    0, 4, 0, 32))
 #define CUDA_EMU_MASK(...) CUDA_EMU_WIDTH_(__VA_ARGS__ __VA_OPT__(, ) 0xffffffffu, )
-#define __ballot_sync(mask, p) ::cuda_emu::warp_vote(__FILE__, __LINE__, "__ballot_sync", (mask), (p))
+#define __ballot_sync(mask, p) \
+  ::cuda_emu::warp_vote(__FILE__, __LINE__, "__ballot_sync", (mask), (p))
 #define __any_sync(mask, p) \
   (::cuda_emu::warp_vote(__FILE__, __LINE__, "__any_sync", (mask), (p)) != 0u)
 #define __all_sync(mask, p) \

@@ -1,5 +1,6 @@
 // Stand-in for c10/cuda/CUDAGuard.h in the CUDA emulation: the guard takes any device (emulated
-// tensors live on the CPU) and marks the extent of the host function (cuda_emu::begin_device_scope).
+// tensors live on the CPU) and marks the extent of the host function
+// (cuda_emu::begin_device_scope).
 #pragma once
 
 #include <c10/core/Device.h>
