@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with a CUDA GPU and torch installed, in well under 8 minutes:
-# build, CUDA tests, compute-sanitizer memcheck on a small forward+backward and retractions,
-# GPU benchmark (fused ops and the k = 32 retraction).
-# Leaves in OUT_DIR: gpu_check.log, tests.xml, and bench/ with results.json, table.md and bench.png
+# build, CUDA tests, the emulated CUDA suite's shapes on the real GPU beside the emulator (same test
+# ids, so the two can be compared case by case), the static kernel report, compute-sanitizer
+# memcheck on a small forward+backward and retractions, GPU benchmark (fused ops and the k = 32
+# retraction).
+# Leaves in OUT_DIR: gpu_check.log, tests.xml, cuda_kernels.xml (test_cuda_kernels.py: "cuda-*" and
+# "emulated-*" ids), kernel_report.md, and bench/ with results.json, table.md and bench.png
 # (bench.png needs matplotlib on the GPU machine; without it, render it from results.json anywhere
 # with python -m reft_ext.bench.plot).
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else ./gpu-check)
@@ -20,8 +23,17 @@ nvidia-smi -L; python -c "import torch; print('torch', torch.__version__, 'cuda'
 step "build (native arch of the visible GPU)"
 MAX_JOBS=${MAX_JOBS:-8} pip install --no-build-isolation -e . -q || exit 1
 
-step "tests (CUDA cases included)"
-REFT_EXT_EXPECT_CUDA=1 python -m pytest tests -q -x --junitxml="$out/tests.xml" || status=1
+step "tests (CUDA cases included; the emulator's own suite is the next step)"
+REFT_EXT_EXPECT_CUDA=1 python -m pytest tests -q -x -m "not cuda_emulated" \
+  --ignore=tests/cuda_emulation --junitxml="$out/tests.xml" || status=1
+
+step "CUDA kernel shapes: real GPU and emulator, same cases"
+python -m pytest tests/cuda_emulation/test_cuda_kernels.py -q -rA \
+  --junitxml="$out/cuda_kernels.xml" || status=1
+
+step "static kernel report (registers, spills, 16-byte accesses)"
+python tools/kernel_report.py --json "$out/kernel_report.json" > "$out/kernel_report.md" || status=1
+cat "$out/kernel_report.md"
 
 step "compute-sanitizer memcheck, small forward+backward"
 cat > "$out/sanitize_case.py" <<'PY'

@@ -1,8 +1,8 @@
 """Tests of the fused low-rank edits against independent float64 references.
 
 The float64 truth (tests/truth.py) is written with einsum (not taken from reft_ext), and its
-gradients come from autograd of that composite. ``reft_ext.reference`` is used only as the low-precision
-yardstick.
+gradients come from autograd of that composite. ``reft_ext.reference`` is used only as the
+low-precision yardstick.
 """
 
 import os
@@ -11,11 +11,7 @@ import sys
 
 import pytest
 import torch
-
-import reft_ext
-from reft_ext import reference
 from truth import (
-    REL_TOL,
     assert_close_rel,
     max_abs_err,
     truth_direft,
@@ -23,12 +19,16 @@ from truth import (
     truth_lowrank_edit,
 )
 
+import reft_ext
+from reft_ext import reference
+
 OPS = {
     "lowrank_edit": (reft_ext.lowrank_edit, truth_lowrank_edit, reference.lowrank_edit, ("P", "Q")),
     "loreft": (reft_ext.loreft, truth_loreft, reference.loreft, ("R", "W")),
     "direft": (reft_ext.direft, truth_direft, reference.direft, ("R", "W")),
 }
 OP_NAMES = list(OPS)
+
 
 def _identity(x):
     return x

@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from truth import max_rel, orth_error
 
 import reft_ext
 from reft_ext.retraction import is_stiefel
-from truth import max_rel, orth_error
 
 
 def _proj(h, A):

@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from truth import max_rel, orth_error, polar_truth, qr_truth
 
 import reft_ext
 from reft_ext.retraction import is_stiefel
-from truth import max_rel, orth_error, polar_truth, qr_truth
 
 METHODS = ["cholqr2", "qr", "polar"]
 ROW_SPACE_METHODS = ["cholqr2", "qr"]  # those that return the sign-fixed QR factor

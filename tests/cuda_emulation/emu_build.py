@@ -121,7 +121,8 @@ def build_library(
     tree = cache / ("tree-" + hashlib.sha256(f"{csrc} {variant}".encode()).hexdigest()[:12])
     jobs = _units_and_flags(csrc, tree / "src", variant)
     headers = sorted(
-        p for p in [*(tree / "src").rglob("*"), *RUNTIME.rglob("*.h"), *INCLUDE.rglob("*.h")]
+        p
+        for p in [*(tree / "src").rglob("*"), *RUNTIME.rglob("*.h"), *INCLUDE.rglob("*.h")]
         if p.suffix in {".h", ".cuh"}
     )
     objects = [cache / "objects" / f"{_object_digest(u, f, headers)}.o" for u, f in jobs]
@@ -129,7 +130,7 @@ def build_library(
     library = tree / f"libreft_ext_emu-{hashlib.sha256(str(objects).encode()).hexdigest()[:12]}.so"
     if library.exists():
         return library
-    missing = [(u, f, o) for (u, f), o in zip(jobs, objects) if not o.exists()]
+    missing = [(u, f, o) for (u, f), o in zip(jobs, objects, strict=True) if not o.exists()]
     workers = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
     with ThreadPoolExecutor(workers) as pool:
         for result in [pool.submit(_compile, u, f, o) for u, f, o in missing]:
@@ -152,7 +153,9 @@ def sanitizer_env(variant: str) -> dict[str, str]:
         return env
     runtime = {"asan": "libasan.so", "tsan": "libtsan.so"}[variant]
     preload = [
-        subprocess.run([CXX, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        subprocess.run(
+            [CXX, f"-print-file-name={name}"], capture_output=True, text=True
+        ).stdout.strip()
         for name in ([runtime, "libubsan.so"] if variant == "asan" else [runtime])
     ]
     env["LD_PRELOAD"] = " ".join(preload)

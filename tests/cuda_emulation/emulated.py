@@ -41,7 +41,7 @@ def load() -> list[str]:
 
 @contextlib.contextmanager
 def routed():
-    """Within the block, ``torch.ops.reft_ext.<op>`` on CPU tensors runs the emulated CUDA kernel."""
+    """Within the block, ``torch.ops.reft_ext.<op>`` on CPU tensors runs the emulated kernel."""
     names = load()
     library = torch.library.Library(NAMESPACE, "IMPL")
     with warnings.catch_warnings():

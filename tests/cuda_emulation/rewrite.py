@@ -10,9 +10,10 @@ Three constructs change; everything else compiles as it is, against real ATen on
 - ``TORCH_LIBRARY_IMPL(ns, CUDA, m)`` registers the same functions as the CPU kernels of the library
   ``ns_emu`` (and ``TORCH_LIBRARY(ns, m)``, in the schema file, defines ``ns_emu``).
 
-Every rewritten file starts with ``#line 1 "<original path>"`` and keeps its line breaks, so compiler
-errors and the emulator's reports point at the original file and line. A construct the emulation
-does not support stops the rewrite with :class:`RewriteError` naming it, its file and its line.
+Every rewritten file starts with ``#line 1 "<original path>"`` and keeps its line breaks, so
+compiler errors and the emulator's reports point at the original file and line. A construct the
+emulation does not support stops the rewrite with :class:`RewriteError` naming it, its file and
+its line.
 """
 
 from __future__ import annotations
@@ -196,7 +197,11 @@ def _rewrite_shared(path: str, text: str) -> str:
             _fail(path, text, pos, "__shared__ declaration with an initializer")
         if len(_split_top_level(decl)) > 1:
             _fail(path, text, pos, "__shared__ declaration of several variables")
-        parsed = re.fullmatch(r"(?P<type>.*?[\w>*&\s])\b(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(\[[^\]]*\]\s*)*)", decl, re.S)
+        parsed = re.fullmatch(
+            r"(?P<type>.*?[\w>*&\s])\b(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(\[[^\]]*\]\s*)*)",
+            decl,
+            re.S,
+        )
         if parsed is None or not parsed.group("type").strip():
             _fail(path, text, pos, f"__shared__ declaration that cannot be parsed: {decl!r}")
         type_, name, dims = parsed.group("type").strip(), parsed.group("name"), parsed.group("dims")
@@ -237,7 +242,9 @@ def _check_supported(path: str, text: str) -> None:
     for found in re.finditer(r"\b[A-Za-z_]\w*\b", masked):
         word = found.group()
         if word in UNSUPPORTED:
-            _fail(path, text, found.start(), f"unsupported in the CUDA emulation: {UNSUPPORTED[word]}")
+            _fail(
+                path, text, found.start(), f"unsupported in the CUDA emulation: {UNSUPPORTED[word]}"
+            )
 
 
 def rewrite_cuda(text: str, path: str) -> str:

@@ -3,8 +3,9 @@
 Every shape below fills all 32 lanes of the warps that reduce and hits a tail of the kernels'
 tiling (csrc/cuda): row tiles of 4 rows (N % 4 != 0), rank chunks of 8 (r % 8 != 0), column sweeps
 of 256 threads × V elements (d beyond one sweep), the 16-byte vectorized path and the scalar one
-(d % V != 0, or a misaligned row pointer), several parameter-gradient groups with a partial last one,
-and, for the retraction, warps that run different numbers of shuffles and the Householder fallback.
+(d % V != 0, or a misaligned row pointer), several parameter-gradient groups with a partial last
+one, and, for the retraction, warps that run different numbers of shuffles and the Householder
+fallback.
 
 The same tests run on the emulated CUDA device (CPU tensors, every test run) and on a real GPU
 where one is present (bench/gpu_check.sh), so the two can be compared shape for shape.
@@ -12,9 +13,6 @@ where one is present (bench/gpu_check.sh), so the two can be compared shape for 
 
 import pytest
 import torch
-
-import reft_ext
-from reft_ext import reference
 from truth import (
     assert_close_rel,
     max_abs_err,
@@ -24,6 +22,9 @@ from truth import (
     qr_truth,
     truth_lowrank_edit,
 )
+
+import reft_ext
+from reft_ext import reference
 
 GPUS = [
     pytest.param("cpu", id="emulated", marks=pytest.mark.cuda_emulated),
@@ -165,8 +166,13 @@ def test_retract_householder_fallback(gpu, dtype, method):
     repeated = torch.cat([base, base[:2]])  # rows 4, 5 repeat rows 0, 1
     kappa, tol = FALLBACK_KAPPA[dtype]
     U, _, Vh = torch.linalg.svd(torch.randn(6, 1030, dtype=torch.float64), full_matrices=False)
-    ill = U @ torch.diag(torch.logspace(0, -torch.log10(torch.tensor(kappa)).item(), 6,
-                                        dtype=torch.float64)) @ Vh
+    ill = (
+        U
+        @ torch.diag(
+            torch.logspace(0, -torch.log10(torch.tensor(kappa)).item(), 6, dtype=torch.float64)
+        )
+        @ Vh
+    )
     assert orth_error(reft_ext.retract_(repeated.to(gpu, dtype), method)) <= ORTH_TOL[dtype]
     R = reft_ext.retract_(ill.to(gpu, dtype), method)
     assert orth_error(R) <= ORTH_TOL[dtype]
