@@ -269,27 +269,28 @@ def rewrite_schema(text: str, path: str) -> str:
 def rewrite_tree(csrc: Path, out: Path) -> list[Path]:
     """Mirror ``csrc`` into ``out`` for the emulation; returns the translation units to compile.
 
-    CUDA files (.cu, .cuh) are rewritten, the schema file ``reft_ext.cpp`` renamed, other headers
-    copied with a #line directive; the CPU kernels and the Python module are not part of it.
+    CUDA files (.cu, .cuh) are rewritten, .cpp files that define a library (``TORCH_LIBRARY``: the
+    op schemas) renamed, other headers copied with a #line directive; the remaining .cpp files (the
+    CPU kernels, the Python module) are not part of the emulation.
     """
     units = []
     for source in sorted(csrc.rglob("*")):
         if not source.is_file() or source.suffix not in {".cu", ".cuh", ".h", ".cpp"}:
             continue
-        relative = source.relative_to(csrc)
         text = source.read_text()
+        is_schema = source.suffix == ".cpp" and re.search(r"\bTORCH_LIBRARY\s*\(", _mask(text))
         if source.suffix in {".cu", ".cuh"}:
             new = rewrite_cuda(text, str(source))
-        elif relative == Path("reft_ext.cpp"):
+        elif is_schema:
             new = rewrite_schema(text, str(source))
         elif source.suffix == ".h":
             new = f'#line 1 "{source}"\n{text}'
         else:
             continue
-        target = out / relative
+        target = out / source.relative_to(csrc)
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists() or target.read_text() != new:
             target.write_text(new)
-        if source.suffix == ".cu" or relative == Path("reft_ext.cpp"):
+        if source.suffix == ".cu" or is_schema:
             units.append(target)
     return units

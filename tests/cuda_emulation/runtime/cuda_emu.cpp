@@ -170,7 +170,7 @@ std::string check_canaries() {
     }
     const long after = first_bad_canary(p + a.bytes, kCanary, a.serial, 1);
     if (after >= 0) {
-      return "out-of-bounds write " + std::to_string(after) + " bytes after the end of a " +
+      return "out-of-bounds write at byte " + std::to_string(after) + " past the end of a " +
              std::to_string(a.bytes) + "-byte buffer allocated by the op (buffer #" +
              std::to_string(a.serial) + ")";
     }
@@ -271,13 +271,14 @@ size_t stack_bytes() {
   return (kib ? std::strtoul(kib, nullptr, 10) : 256) * 1024;
 }
 
-// Fiber stacks of this OS thread, reused across launches (a guard page below each).
-thread_local std::vector<Stack> stack_pool;
+// Fiber stacks of this OS thread, reused across launches (a guard page below each). Held by
+// pointer: a fiber keeps its Stack* while the pool grows for the next block.
+thread_local std::vector<std::unique_ptr<Stack>> stack_pool;
 
 Stack& pooled_stack(size_t index) {
   const size_t bytes = stack_bytes();
-  while (stack_pool.size() <= index) stack_pool.emplace_back();
-  Stack& s = stack_pool[index];
+  while (stack_pool.size() <= index) stack_pool.push_back(std::make_unique<Stack>());
+  Stack& s = *stack_pool[index];
   if (s.memory == nullptr || s.bytes != bytes) {
     if (s.memory) munmap(s.memory, s.bytes + getpagesize());
     void* m = mmap(nullptr, bytes + getpagesize(), PROT_READ | PROT_WRITE,
@@ -518,9 +519,9 @@ int source_lane(int kind, int lane, int arg, int width) {
   switch (kind) {
     case 0:
       return base + (arg & (width - 1));
-    case 1: {
+    case 1: {  // PTX shfl.bfly: a lane may read earlier segments, a later one gives its own value
       const int src = lane ^ arg;
-      return src >= base + width || src < base ? lane : src;
+      return src >= base + width ? lane : src;
     }
     case 2:
       return lane + arg >= base + width ? lane : lane + arg;
