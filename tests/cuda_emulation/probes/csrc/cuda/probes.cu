@@ -56,7 +56,7 @@ __global__ void large_shared_kernel(int* out) {
 
 __global__ void shared_overflow_kernel(int* out) {
   __shared__ int small[32];
-  small[threadIdx.x] = 1;  // 64 threads write a 32-element array
+  small[threadIdx.x] = 1;  // 40 threads write a 32-element array: 32 bytes into its canary
   out[threadIdx.x] = 0;
 }
 
@@ -94,7 +94,7 @@ void fault(const at::Tensor& like, c10::string_view name_view) {
   if (name == "mask-without-caller") mask_without_caller_kernel<<<1, 32>>>(o);
   if (name == "exited-lane") exited_lane_kernel<<<1, 64>>>(o);
   if (name == "large-shared") large_shared_kernel<<<1, 32>>>(o);
-  if (name == "shared-overflow") shared_overflow_kernel<<<1, 64>>>(o);
+  if (name == "shared-overflow") shared_overflow_kernel<<<1, 40>>>(o);
   if (name == "write-past-buffer") plain_kernel<<<1, 1024>>>(o);
   if (name == "unchecked-launch") {
     plain_kernel<<<1, 32>>>(o);
