@@ -361,6 +361,12 @@ thread_local Launch* active = nullptr;
 thread_local bool unchecked_launch = false;
 thread_local LaunchSite last_launch{};
 
+std::string hex_mask(unsigned mask) {
+  char text[16];
+  std::snprintf(text, sizeof text, "0x%08x", mask);
+  return text;
+}
+
 std::string where(const Launch& L) {
   return std::string("kernel ") + L.site.kernel + " (launched at " +
          site_text(L.site.file, L.site.line) + ")";
@@ -386,6 +392,31 @@ void set_coordinates(const Fiber& f) {
   coordinates.block_idx = f.block->idx;
 }
 
+// One context switch, annotated for the sanitizers: TSan learns which fiber runs next and whether
+// the switch orders the two; ASan learns the stack it runs on (bottom, bytes), or that the fiber
+// left for good (`leaving`).
+void annotated_switch(Context& from, Context& to, void* tsan_to, bool synchronize,
+                      const void* bottom, size_t bytes, bool leaving) {
+#if defined(CUDA_EMU_TSAN)
+  __tsan_switch_to_fiber(tsan_to, synchronize ? 0 : __tsan_switch_to_fiber_no_sync);
+#else
+  (void)tsan_to;
+  (void)synchronize;
+#endif
+#if defined(CUDA_EMU_ASAN)
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(leaving ? nullptr : &fake, bottom, bytes);
+#else
+  (void)bottom;
+  (void)bytes;
+  (void)leaving;
+#endif
+  switch_context(from, to);
+#if defined(CUDA_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
 // The first switch into a fiber synchronizes (TSan): the host's writes before the launch happen
 // before the kernel; later switches do not, so two CUDA threads are ordered only by a barrier.
 void switch_to_fiber(Launch& L, Fiber& f) {
@@ -393,40 +424,16 @@ void switch_to_fiber(Launch& L, Fiber& f) {
   f.started = true;
   L.current = &f;
   set_coordinates(f);
-#if defined(CUDA_EMU_TSAN)
-  __tsan_switch_to_fiber(f.tsan_fiber, synchronize ? 0 : __tsan_switch_to_fiber_no_sync);
-#else
-  (void)synchronize;
-#endif
-#if defined(CUDA_EMU_ASAN)
-  void* fake = nullptr;
-  __sanitizer_start_switch_fiber(&fake, static_cast<char*>(f.stack->memory) + getpagesize(),
-                                 f.stack->bytes);
-#endif
-  switch_context(L.scheduler, f.context);
-#if defined(CUDA_EMU_ASAN)
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
+  annotated_switch(L.scheduler, f.context, f.tsan_fiber, synchronize,
+                   static_cast<char*>(f.stack->memory) + getpagesize(), f.stack->bytes, false);
   L.current = nullptr;
 }
 
 // From the running fiber back to the scheduler; returns when the scheduler resumes this fiber.
 void yield_to_scheduler(Fiber& f, bool synchronize) {
   Launch& L = *active;
-#if defined(CUDA_EMU_TSAN)
-  __tsan_switch_to_fiber(L.scheduler_tsan, synchronize ? 0 : __tsan_switch_to_fiber_no_sync);
-#else
-  (void)synchronize;
-#endif
-#if defined(CUDA_EMU_ASAN)
-  void* fake = nullptr;
-  __sanitizer_start_switch_fiber(f.state == State::Done ? nullptr : &fake, L.scheduler_stack,
-                                 L.scheduler_stack_bytes);
-#endif
-  switch_context(f.context, L.scheduler);
-#if defined(CUDA_EMU_ASAN)
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
+  annotated_switch(f.context, L.scheduler, L.scheduler_tsan, synchronize, L.scheduler_stack,
+                   L.scheduler_stack_bytes, f.state == State::Done);
 }
 
 // A fault seen inside a fiber: the launch stops; run_grid throws on the host stack.
@@ -477,23 +484,13 @@ void fiber_entry() {
       if (other.warp == f.warp && other.state == State::AtWarp && ((other.mask >> f.lane) & 1u)) {
         fail_in_kernel("lane " + std::to_string(f.lane) + " of " + thread_name(f) +
                        " exited while lane " + std::to_string(other.lane) + " waits for it at " +
-                       other.what + " (" + site_text(other.file, other.line) + ") with mask 0x" +
-                       [&] {
-                         char hex[16];
-                         std::snprintf(hex, sizeof hex, "%08x", other.mask);
-                         return std::string(hex);
-                       }());
+                       other.what + " (" + site_text(other.file, other.line) + ") with mask " +
+                       hex_mask(other.mask));
       }
     }
   }
   yield_to_scheduler(f, true);
   std::abort();
-}
-
-std::string hex_mask(unsigned mask) {
-  char text[16];
-  std::snprintf(text, sizeof text, "0x%08x", mask);
-  return text;
 }
 
 // Lanes [first, last] ranges of a set, for messages.

@@ -191,21 +191,22 @@ inline T atomicCAS(T* address, T compare, T value) {
   std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
   return compare;
 }
-template <typename T>
-inline T atomicMax(T* address, T value) {
+// Replaces *address by value while `replaces(value, *address)`; returns the old value.
+template <typename T, typename Replaces>
+inline T atomic_replace_while(T* address, T value, Replaces replaces) {
   std::atomic_ref<T> ref(*address);
   T old = ref.load();
-  while (old < value && !ref.compare_exchange_weak(old, value)) {
+  while (replaces(value, old) && !ref.compare_exchange_weak(old, value)) {
   }
   return old;
 }
 template <typename T>
+inline T atomicMax(T* address, T value) {
+  return atomic_replace_while(address, value, [](T v, T old) { return old < v; });
+}
+template <typename T>
 inline T atomicMin(T* address, T value) {
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load();
-  while (value < old && !ref.compare_exchange_weak(old, value)) {
-  }
-  return old;
+  return atomic_replace_while(address, value, [](T v, T old) { return v < old; });
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
