@@ -361,6 +361,23 @@ def test_empty_rows(device, op, dtype, shape, make_inputs):
         assert torch.equal(p.grad, torch.zeros_like(p))
 
 
+@pytest.mark.parametrize(
+    ("N", "dtype"), [(5, torch.float32), (0, torch.float16), (3, torch.float64)]
+)
+def test_raw_ops_zero_width_rows(device, N, dtype):
+    """d = 0 (it crashed the CPU backward with an integer division by zero): z = b, grad_h empty,
+    every parameter gradient an exact zero."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    h = torch.empty(N, 0, dtype=dtype, device=device)
+    P = Q = torch.empty(2, 0, dtype=acc, device=device)
+    b = torch.randn(2, dtype=acc, device=device)
+    out, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
+    assert out.shape == (N, 0) and torch.equal(z, b.expand(N, 2))
+    grad_h, grad_P, grad_Q, grad_b = torch.ops.reft_ext.lowrank_edit_backward(h, h, P, Q, z)
+    assert grad_h.shape == (N, 0) and grad_P.shape == grad_Q.shape == (2, 0)
+    assert torch.equal(grad_b, torch.zeros(2, dtype=acc, device=device))
+
+
 # --------------------------------------------------------------------------------------------------
 # Determinism and robustness
 

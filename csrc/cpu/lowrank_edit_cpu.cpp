@@ -266,6 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
     const at::Tensor& z) {
   check_backward_args(grad_out, h, P, Q, z);
   const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
+  if (N == 0 || d == 0) {  // no products to sum: the gradients are exact zeros
+    return {at::empty_like(h), at::zeros_like(P), at::zeros_like(Q), at::zeros({r}, P.options())};
+  }
   const int64_t group_rows = rows_per_partial(N, r);
   const int64_t groups = ceil_div(N, group_rows);
   const int64_t partial_size = 2 * r * d + r;

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -251,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
   auto grad_h = at::empty_like(h);
-  if (N == 0) {
-    return {grad_h, at::zeros_like(P), at::zeros_like(Q), at::zeros_like(P.select(1, 0))};
+  if (N == 0 || d == 0) {  // no products to sum: the gradients are exact zeros (and no empty grid)
+    return {grad_h, at::zeros_like(P), at::zeros_like(Q), at::zeros({r}, P.options())};
   }
   auto grad_P = at::empty_like(P);
   auto grad_Q = at::empty_like(Q);
