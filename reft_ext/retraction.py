@@ -56,7 +56,11 @@ def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True
         target = R if R.is_contiguous() else R.contiguous()
         torch.ops.reft_ext.retract_(target, METHODS[method])
         if target is not R:
-            R.copy_(target)
+            R.copy_(target)  # (bumps R's version itself)
+        else:
+            # The raw op writes through the data pointer: mark R modified, so that autograd refuses
+            # a backward through a graph that saved R's old values instead of using the new ones.
+            torch.autograd.graph.increment_version(R)
     return R
 
 

@@ -726,6 +726,24 @@ def test_boolean_layers_raise():
         ReftConfig(layers=[True])
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("share_weights", "no", TypeError),  # was accepted and turned sharing on
+        ("share_weights", 1, TypeError),
+        ("rank", 0, ValueError),
+        ("rank", 2.0, ValueError),
+        ("rank", True, ValueError),
+        ("dropout", 1.0, ValueError),
+        ("dropout", -0.1, ValueError),
+        ("dropout", "0.1", ValueError),
+    ],
+)
+def test_config_fields_are_type_checked(field, value, error):
+    with pytest.raises(error, match=field):
+        ReftConfig(layers=[0], **{field: value})
+
+
 def test_intervention_dtype_must_suit_the_model():
     """bfloat16 interventions on a float32 model fail when built, not at the first forward."""
     with pytest.raises(ValueError, match="dtype"):

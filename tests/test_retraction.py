@@ -372,6 +372,19 @@ def test_opcheck(device, method, shape, dtype):
     torch.library.opcheck(torch.ops.reft_ext.retract_.default, (R, method))
 
 
+def test_retract_marks_its_input_modified(device):
+    """A graph that saved R's values before the retraction refuses backward (it used to return a
+    silently wrong gradient): retract_ bumps the version counter like any in-place op."""
+    R = torch.randn(3, 7, device=device, requires_grad=True)
+    X = R * 1.0
+    y = (X * X).sum()
+    version = X._version
+    reft_ext.retract_(X)
+    assert X._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, R)
+
+
 def test_raw_op_checks_its_arguments():
     op = torch.ops.reft_ext.retract_
     with pytest.raises(RuntimeError, match="method"):

@@ -87,6 +87,17 @@ class ReftConfig:
         if self.layers != "all" and (not self.layers or len(set(self.layers)) != len(self.layers)):
             # a repeated layer would hook its block twice and apply the intervention twice
             raise ValueError(f"layers must be non-empty and without repeats, got {self.layers!r}")
+        # bool is checked by type: a truthy string such as "no" must not turn sharing on
+        if not isinstance(self.share_weights, bool):
+            raise TypeError(f"share_weights must be True or False, got {self.share_weights!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.intervention not in INTERVENTIONS:
             raise ValueError(
                 f"intervention must be one of {INTERVENTIONS}, got {self.intervention!r}"
