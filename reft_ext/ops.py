@@ -10,7 +10,6 @@ Raw ops (all tensors contiguous; acc = float64 for float64 rows, float32 otherwi
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _C  # noqa: F401  (importing the library registers its ops with the dispatcher)
 
@@ -30,10 +29,34 @@ def _lowrank_edit_backward_fake(grad_out, h, P, Q, z):
     return torch.empty_like(h), torch.empty_like(P), torch.empty_like(Q), P.new_empty(P.shape[0])
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """``apply(n, *sources, *grads)`` returns ``grads`` unchanged, as a function of the ``n``
+    tensors they were computed from; differentiating them raises (no second derivative)."""
+
+    @staticmethod
+    def forward(n_sources, *tensors):
+        return tuple(g.clone() for g in tensors[n_sources:])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "reft_ext's fused edit is first-order only: its gradients cannot be differentiated "
+            "again (double backward, torch.autograd.functional.hessian, grad of grad); use "
+            "reft_ext.reference for second derivatives"
+        )
+
+
 class LowRankEditFunction(torch.autograd.Function):
     """out = h + (h Pᵀ + b) Q on contiguous 2-D rows, with the fused backward.
 
     Inputs as for ``lowrank_edit_forward``. Saves h, P, Q and z (N×r): no N×d intermediate.
+    First-order only: with ``create_graph=True`` the gradients carry a node that raises when they
+    are differentiated (torch's ``once_differentiable`` does so only when the incoming gradient
+    requires grad, so a Hessian came out as silent zeros).
     """
 
     @staticmethod
@@ -49,7 +72,12 @@ class LowRankEditFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(z)
 
     @staticmethod
-    @once_differentiable  # the backward op has no derivative of its own: refuse double backward
     def backward(ctx, grad_out, _grad_z):
         h, P, Q, z = ctx.saved_tensors
-        return torch.ops.reft_ext.lowrank_edit_backward(grad_out.contiguous(), h, P, Q, z)
+        with torch.no_grad():
+            grads = torch.ops.reft_ext.lowrank_edit_backward(grad_out.contiguous(), h, P, Q, z)
+        if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
+            return grads
+        # create_graph=True: the gradients depend on h, P, Q and grad_out. Link them to those in the
+        # graph through a node that raises, instead of handing back constants.
+        return _FirstOrderOnly.apply(4, h, P, Q, grad_out, *grads)

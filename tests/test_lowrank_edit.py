@@ -599,6 +599,38 @@ def test_raw_backward_bad_inputs(case):
         )
 
 
+def test_hessian_raises_instead_of_silent_zeros():
+    """torch.autograd.functional.hessian (incoming gradients that do not require grad) used to
+    return an all-zero Hessian; grad of grad with materialize_grads returned zeros."""
+    P, Q = (torch.randn(2, 5, dtype=torch.float64) for _ in range(2))
+    b = torch.randn(2, dtype=torch.float64)
+    h = torch.randn(3, 5, dtype=torch.float64)
+
+    def f(h):
+        return reft_ext.lowrank_edit(h, P, Q, b).square().sum()
+
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.functional.hessian(f, h)
+    x = h.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(g.sum(), x, materialize_grads=True)
+
+
+def test_create_graph_first_order_gradients_are_right():
+    """create_graph=True for another reason (e.g. a penalty elsewhere) still gives the right
+    first-order gradients."""
+    leaves = [t.double().requires_grad_() for t in (torch.randn(4, 6), *torch.randn(2, 2, 6))]
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(
+        reft_ext.lowrank_edit(*leaves, b).square().sum(), [*leaves, b], create_graph=True
+    )
+    leaves64 = [t.detach().requires_grad_() for t in (*leaves, b)]
+    truths = torch.autograd.grad(truth_lowrank_edit(*leaves64).square().sum(), leaves64)
+    for g, t in zip(grads, truths, strict=True):
+        assert_close_rel(g.detach(), t)
+
+
 def test_double_backward_raises_instead_of_silently_wrong():
     """Second derivatives are not implemented: differentiating through backward must raise."""
     h = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
