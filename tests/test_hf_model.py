@@ -721,6 +721,24 @@ def test_malformed_positions_strings_raise(text):
         ReftConfig(layers=[0], positions=text)
 
 
+@pytest.mark.parametrize("text", ["f" + "9" * 30, "f1000000000", "f1+l2000000"])
+def test_huge_positions_are_refused_by_the_config(text):
+    """They overflowed or tried to allocate gigabytes at the first forward."""
+    with pytest.raises(ValueError, match="at most"):
+        ReftConfig(layers=[0], positions=text)
+
+
+def test_unloaded_wrapper_refuses_calls():
+    """After unload() the old wrapper used to run the plain model silently."""
+    reft_model = get_reft_model(tiny_llama(), ReftConfig(layers=[0], rank=2))
+    ids = torch.randint(0, 64, (1, 5))
+    reft_model.unload()
+    with pytest.raises(RuntimeError, match="unloaded"):
+        reft_model(input_ids=ids)
+    with pytest.raises(RuntimeError, match="unloaded"):
+        reft_model.generate(input_ids=ids, max_new_tokens=1)
+
+
 def test_boolean_layers_raise():
     with pytest.raises(ValueError, match="layers"):
         ReftConfig(layers=[True])

@@ -11,6 +11,7 @@ import torch
 
 INTERVENTIONS = ("loreft", "noreft", "direft", "consreft", "lobireft")
 COMPONENTS = ("block_output",)
+MAX_POSITIONS = 2**20  # first/last token counts a positions string may ask for (2^20 tokens)
 _POSITIONS = re.compile(r"f(\d+)\+l(\d+)|f(\d+)|l(\d+)")
 
 
@@ -36,6 +37,10 @@ class Positions:
         first, last = int(first_both or first_only or 0), int(last_both or last_only or 0)
         if first + last == 0:
             raise ValueError(f"positions select no token: {text!r}")
+        if max(first, last) > MAX_POSITIONS:  # refused here, not as a huge index tensor later
+            raise ValueError(
+                f"positions: at most {MAX_POSITIONS} first and last tokens each, got {text!r}"
+            )
         return cls(first, last)
 
     def groups(self, share_weights: bool) -> tuple[str, ...]:

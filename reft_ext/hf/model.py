@@ -160,6 +160,7 @@ class ReftModel(nn.Module):
         """
         if args:
             raise TypeError("ReftModel.forward takes the model's inputs by keyword (input_ids=...)")
+        self._check_not_unloaded()
         locations = self._compute_locations(kwargs, intervention_locations)
         self._state.update(locations=locations, generating=False)
         try:
@@ -182,6 +183,7 @@ class ReftModel(nn.Module):
         """
         if intervene_on not in ("prompt", "all"):
             raise ValueError(f"intervene_on must be 'prompt' or 'all', got {intervene_on!r}")
+        self._check_not_unloaded()
         locations = self._compute_locations(kwargs, intervention_locations)
         decode = None
         if intervene_on == "all":
@@ -210,11 +212,23 @@ class ReftModel(nn.Module):
             self._state["enabled"] = previous
 
     def unload(self) -> nn.Module:
-        """Remove every hook this wrapper added and return the untouched base model."""
+        """Remove every hook this wrapper added and return the untouched base model.
+
+        The wrapper is unusable afterwards: calling it raises (it would silently run the plain
+        model).
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._unloaded = True
         return self.model
+
+    def _check_not_unloaded(self) -> None:
+        if getattr(self, "_unloaded", False):
+            raise RuntimeError(
+                "this ReftModel was unloaded (its hooks are removed): call the model that "
+                "unload() returned, or attach interventions again with get_reft_model"
+            )
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""
