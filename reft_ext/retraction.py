@@ -75,6 +75,10 @@ def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         The projection of G onto the tangent space at R, G's shape and dtype (computed in float32 or
         float64).
     """
+    for name, t in (("R", R), ("G", G)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"project_tangent: {name} must be a floating-point tensor, got {kind}")
     if R.shape != G.shape:
         raise ValueError(
             f"project_tangent: G must have R's shape {tuple(R.shape)}, got {tuple(G.shape)}"
@@ -117,11 +121,19 @@ def is_stiefel(param: torch.Tensor) -> bool:
 
 
 class OrthonormalityHandle:
-    """Returned by :func:`keep_orthonormal`; ``remove()`` detaches its optimizer hooks."""
+    """Returned by :func:`keep_orthonormal`; ``remove()`` detaches its optimizer hooks.
 
-    def __init__(self, handles: list, params: list[torch.Tensor]):
+    ``params``: the parameters retracted at the next step (with the default selection, the marked
+    parameters the optimizer holds at that moment, groups added later included).
+    """
+
+    def __init__(self, handles: list, params):
         self._handles = handles
-        self.params = params
+        self._params = params
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self._params()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -170,17 +182,35 @@ def keep_orthonormal(
         raise ValueError(
             f"keep_orthonormal: method must be one of {sorted(METHODS)}, got {method!r}"
         )
+    if params is not None and (
+        isinstance(params, torch.Tensor) or not all(isinstance(p, torch.Tensor) for p in params)
+    ):
+        raise TypeError(
+            "keep_orthonormal: params must be a list of parameters, got "
+            f"{type(params).__name__} (wrap a single parameter in a list)"
+        )
+
+    def marked() -> list[torch.Tensor]:
+        # Read at every step, so that groups added later (add_param_group) and parameters swapped
+        # into a group are retracted too.
+        return [p for group in optimizer.param_groups for p in group["params"] if is_stiefel(p)]
+
     managed = [p for group in optimizer.param_groups for p in group["params"]]
     if params is None:
-        params = [p for p in managed if is_stiefel(p)]
-        if not params:
+        current = marked
+        if not marked():
             raise ValueError(
                 "keep_orthonormal: the optimizer has no parameter marked by mark_stiefel "
                 "(pass params=[...] explicitly)"
             )
-    params = list(params)
+    else:
+        params = list(params)
+
+        def current() -> list[torch.Tensor]:
+            return params
+
     managed_ids = {id(p) for p in managed}
-    for p in params:
+    for p in current():
         if id(p) not in managed_ids:
             raise ValueError(
                 f"keep_orthonormal: a parameter of shape {tuple(p.shape)} is not in the optimizer"
@@ -189,19 +219,19 @@ def keep_orthonormal(
             raise ValueError(
                 f"keep_orthonormal: params must be (r, d) with 1 <= r <= d, got {tuple(p.shape)}"
             )
-    _retract_grouped(params, method)  # start on the manifold
+    _retract_grouped(current(), method)  # start on the manifold
 
     def after_step(_optimizer, _args, _kwargs):
-        _retract_grouped(params, method)
+        _retract_grouped(current(), method)
 
     handles = [optimizer.register_step_post_hook(after_step)]
     if project_grad:
 
         def before_step(_optimizer, _args, _kwargs):
             with torch.no_grad():
-                for p in params:
+                for p in current():
                     if p.grad is not None:
                         p.grad.copy_(project_tangent(p, p.grad))
 
         handles.insert(0, optimizer.register_step_pre_hook(before_step))
-    return OrthonormalityHandle(handles, params)
+    return OrthonormalityHandle(handles, current)

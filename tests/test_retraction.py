@@ -602,6 +602,37 @@ def test_explicit_params_and_mark_stiefel(device):
     assert orth_error(other) <= ORTH_TOL[torch.float32]
 
 
+def test_keep_orthonormal_retracts_groups_added_later(device):
+    """A parameter group added after the call, or a parameter swapped into a group, used to be
+    left to drift (‖RRᵀ − I‖ ≈ 0.2 after 3 steps)."""
+    first = reft_ext.LoReFT(16, 3, device=device)
+    optimizer = torch.optim.AdamW(first.parameters(), lr=0.1)
+    reft_ext.keep_orthonormal(optimizer)
+    later, swapped = reft_ext.LoReFT(16, 3, device=device), reft_ext.LoReFT(16, 2, device=device)
+    optimizer.add_param_group({"params": list(later.parameters())})
+    optimizer.param_groups[0]["params"][0] = swapped.R
+    h = torch.randn(8, 16, device=device)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = (later(first(h)) - h).square().sum() + swapped(h).square().sum()
+        loss.backward()
+        optimizer.step()
+    for R in (later.R, swapped.R):
+        assert orth_error(R) <= ORTH_TOL[torch.float32]
+
+
+def test_keep_orthonormal_and_project_tangent_argument_types():
+    module = reft_ext.LoReFT(16, 3)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="params must be a list"):
+        reft_ext.keep_orthonormal(optimizer, params=module.R)
+    R = module.R.detach()
+    with pytest.raises(TypeError, match="G must be a floating-point tensor, got torch.int64"):
+        reft_ext.project_tangent(R, torch.ones(3, 16, dtype=torch.int64))
+    with pytest.raises(TypeError, match="G must be a floating-point tensor, got list"):
+        reft_ext.project_tangent(R, [[0.0] * 16] * 3)
+
+
 def test_keep_orthonormal_bad_arguments():
     model = reft_ext.LoReFT(8, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
