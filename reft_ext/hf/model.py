@@ -220,11 +220,10 @@ class ReftModel(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._unloaded = True
         return self.model
 
     def _check_not_unloaded(self) -> None:
-        if getattr(self, "_unloaded", False):
+        if not self._handles:  # a live wrapper always holds at least its pass-counting hook
             raise RuntimeError(
                 "this ReftModel was unloaded (its hooks are removed): call the model that "
                 "unload() returned, or attach interventions again with get_reft_model"

@@ -19,6 +19,7 @@ flags, torch, compiler); ``REFT_EXT_EMU_BUILD_DIR`` moves the cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -55,6 +56,7 @@ def _common_flags() -> list[str]:
     return flags + [f"-I{RUNTIME}"]
 
 
+@functools.cache  # one `g++ --version` per process, not one per object digest
 def _compiler_version() -> str:
     return subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout
 

@@ -372,11 +372,14 @@ std::string where(const Launch& L) {
          site_text(L.site.file, L.site.line) + ")";
 }
 
+std::string block_name(const Block& b) {
+  return "block (" + std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," +
+         std::to_string(b.idx.z) + ")";
+}
+
 std::string thread_name(const Fiber& f) {
-  std::ostringstream s;
-  s << "thread (" << f.thread_idx.x << "," << f.thread_idx.y << "," << f.thread_idx.z
-    << ") of block (" << f.block->idx.x << "," << f.block->idx.y << "," << f.block->idx.z << ")";
-  return s.str();
+  return "thread (" + std::to_string(f.thread_idx.x) + "," + std::to_string(f.thread_idx.y) + "," +
+         std::to_string(f.thread_idx.z) + ") of " + block_name(*f.block);
 }
 
 Fiber& self() {
@@ -554,12 +557,10 @@ void try_complete_warp(Block& b, Fiber& arriving) {
   for (Fiber* f : lanes) {
     if (f == nullptr) continue;
     if (!same_site(*f, arriving) || f->mask != arriving.mask) {
-      fail_in_kernel("warp " + std::to_string(arriving.warp) + " of block (" +
-                     std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," +
-                     std::to_string(b.idx.z) + "): lane " + std::to_string(arriving.lane) +
-                     " is at " + arriving.what + " (" + site_text(arriving.file, arriving.line) +
-                     ", mask " + hex_mask(arriving.mask) + ") while lane " +
-                     std::to_string(f->lane) + " is at " + f->what + " (" +
+      fail_in_kernel("warp " + std::to_string(arriving.warp) + " of " + block_name(b) + ": lane " +
+                     std::to_string(arriving.lane) + " is at " + arriving.what + " (" +
+                     site_text(arriving.file, arriving.line) + ", mask " + hex_mask(arriving.mask) +
+                     ") while lane " + std::to_string(f->lane) + " is at " + f->what + " (" +
                      site_text(f->file, f->line) + ", mask " + hex_mask(f->mask) + ")");
     }
   }
@@ -853,9 +854,8 @@ bool release_barrier(Launch& L, Block& b) {
       first = &f;
     } else if (!same_site(*first, f)) {
       L.failed = true;
-      L.error = where(L) + ": __syncthreads reached at different call sites in block (" +
-                std::to_string(b.idx.x) + "," + std::to_string(b.idx.y) + "," +
-                std::to_string(b.idx.z) + "): " + describe_waits(b);
+      L.error = where(L) + ": __syncthreads reached at different call sites in " + block_name(b) +
+                ": " + describe_waits(b);
       return false;
     }
     count += f.predicate;
@@ -987,9 +987,7 @@ void run_grid(const LaunchSite& site, dim3 grid, dim3 block, size_t dynamic_shar
       std::string text;
       for (auto& b : L.running) {
         if (b->live == 0) continue;
-        text += (text.empty() ? "" : " | ") + std::string("block (") + std::to_string(b->idx.x) +
-                "," + std::to_string(b->idx.y) + "," + std::to_string(b->idx.z) +
-                "): " + describe_waits(*b);
+        text += (text.empty() ? "" : " | ") + block_name(*b) + ": " + describe_waits(*b);
       }
       L.failed = true;
       L.error = where(L) + ": deadlock: " + text;
