@@ -1,15 +1,17 @@
 // Operator schemas of the reft_ext library. Implementations register per device in csrc/cpu and
-// csrc/cuda; fake (meta) implementations and autograd live in reft_ext/ops.py.
+// csrc/cuda; the fake (meta) implementations and the autograd formula are registered beside each
+// op in reft_ext/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(reft_ext, m) {
   // out = h + (h Pᵀ + b) Q for h (N, d); also returns z = h Pᵀ + b (N, r), saved for backward.
   m.def("lowrank_edit_forward(Tensor h, Tensor P, Tensor Q, Tensor b) -> (Tensor out, Tensor z)");
-  // Gradients of lowrank_edit_forward: (grad_h, grad_P, grad_Q, grad_b).
+  // Gradients of lowrank_edit_forward: (grad_h, grad_P, grad_Q, grad_b), each computed only where
+  // output_mask asks for it; the others come back as empty (0,) tensors and their work is skipped.
   m.def(
-      "lowrank_edit_backward(Tensor grad_out, Tensor h, Tensor P, Tensor Q, Tensor z) -> "
-      "(Tensor grad_h, Tensor grad_P, Tensor grad_Q, Tensor grad_b)");
-  // Orthonormalizes the rows of R (r, d) or of each R[i] (k, r, d) in place. method: 0 CholeskyQR2,
-  // 1 Householder QR, 2 polar (csrc/retraction.h).
-  m.def("retract_(Tensor(a!) R, int method) -> ()");
+      "lowrank_edit_backward(Tensor grad_out, Tensor h, Tensor P, Tensor Q, Tensor z, "
+      "bool[4] output_mask) -> (Tensor grad_h, Tensor grad_P, Tensor grad_Q, Tensor grad_b)");
+  // Orthonormalizes the rows of R (r, d) or of each R[i] (k, r, d) in place. method: "cholqr2",
+  // "qr" or "polar" (csrc/retraction.h).
+  m.def("retract_(Tensor(a!) R, str method) -> ()");
 }

@@ -3,13 +3,15 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include "retraction.h"
 
 namespace reft_ext {
 
-// R: contiguous (r, d) or (k, r, d) floating tensor with 1 <= r <= d; method one of Method.
-inline void check_retract_args(const at::Tensor& R, int64_t method) {
+// R: contiguous (r, d) or (k, r, d) floating tensor with 1 <= r <= d; method "cholqr2", "qr" or
+// "polar" (the names of reft_ext.retraction.METHODS), returned as a Method.
+inline retraction::Method check_retract_args(const at::Tensor& R, c10::string_view method) {
   TORCH_CHECK(R.dim() == 2 || R.dim() == 3, "R must have shape (r, d) or (k, r, d), got ",
               R.sizes());
   TORCH_CHECK(R.is_contiguous(), "R must be contiguous");
@@ -20,8 +22,11 @@ inline void check_retract_args(const at::Tensor& R, int64_t method) {
   const int64_t r = R.size(-2), d = R.size(-1);
   TORCH_CHECK(r >= 1 && r <= d, "R must have 1 <= r <= d rows to be orthonormal, got r = ", r,
               ", d = ", d);
-  TORCH_CHECK(method >= retraction::kCholQR2 && method <= retraction::kPolar,
-              "method must be 0 (cholqr2), 1 (qr) or 2 (polar), got ", method);
+  if (method == "cholqr2") return retraction::kCholQR2;
+  if (method == "qr") return retraction::kQR;
+  TORCH_CHECK(method == "polar", "method must be \"cholqr2\", \"qr\" or \"polar\", got \"",
+              method, "\"");
+  return retraction::kPolar;
 }
 
 }  // namespace reft_ext

@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops import LowRankEditFunction
-
-_ROW_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from . import ops  # noqa: F401  (registers the ops and their autograd formula)
+from .dtypes import SUPPORTED_DTYPES, SUPPORTED_NAMES, accumulation_dtype
 
 
 def _check_inputs(
@@ -25,8 +20,8 @@ def _check_inputs(
     for name, t in {"h": h, **factors, "b": b}.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if h.dtype not in _ROW_DTYPES:
-        raise ValueError(f"{op}: h must be float64, float32, bfloat16 or float16, got {h.dtype}")
+    if h.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: h must be {SUPPORTED_NAMES}, got {h.dtype}")
     if h.dim() < 1:
         raise ValueError(f"{op}: h must have shape (..., d), got a 0-d tensor")
     d = h.shape[-1]
@@ -50,9 +45,9 @@ def _check_inputs(
 
 def _edit(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Run the fused op on h viewed as rows; P, Q, b already validated."""
-    acc = _accumulation_dtype(h.dtype)
+    acc = accumulation_dtype(h.dtype)
     rows = h.reshape(-1, h.shape[-1]).contiguous()
-    out, _ = LowRankEditFunction.apply(
+    out, _ = torch.ops.reft_ext.lowrank_edit_forward(
         rows, P.to(acc).contiguous(), Q.to(acc).contiguous(), b.to(acc).contiguous()
     )
     return out.view(h.shape)
@@ -89,7 +84,7 @@ def loreft(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -
         Tensor of h's shape and dtype. Gradients: ∂W = ∂P, ∂R = ∂Q − ∂P for P = W − R, Q = R.
     """
     _check_inputs("loreft", h, {"R": R, "W": W}, b)
-    acc = _accumulation_dtype(h.dtype)
+    acc = accumulation_dtype(h.dtype)
     return _edit(h, W.to(acc) - R.to(acc), R, b)
 
 

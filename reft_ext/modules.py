@@ -1,6 +1,7 @@
 """ReFT interventions as modules: LoReFT and its variants, all on the fused low-rank edit.
 
-Every module maps hidden states h (..., embed_dim) to h + (h Pᵀ + b) Q (DESIGN §1):
+Every module maps hidden states h (..., embed_dim) to h + (h Pᵀ + b) Q, the one fused primitive
+(reft_ext.functional):
 
 | module   | P      | Q | parameters | orthonormal R |
 |----------|--------|---|------------|---------------|

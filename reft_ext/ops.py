@@ -1,10 +1,15 @@
-"""The compiled ops (``torch.ops.reft_ext.*``): fake kernels for tracing and the autograd Function.
+"""The compiled ops (``torch.ops.reft_ext.*``) with their fake kernels and autograd formula,
+registered beside each op.
 
 Raw ops (all tensors contiguous; acc = float64 for float64 rows, float32 otherwise):
     lowrank_edit_forward(h (N, d), P (r, d) acc, Q (r, d) acc, b (r,) acc)
         -> (out (N, d), z (N, r) acc)
-    lowrank_edit_backward(grad_out (N, d), h, P, Q, z)
-        -> (grad_h (N, d), grad_P, grad_Q, grad_b)
+        Differentiable in h, P, Q and b (z is not): its backward asks lowrank_edit_backward for
+        the gradients autograd needs (``ctx.needs_input_grad``) and the kernels skip the others.
+    lowrank_edit_backward(grad_out (N, d), h, P, Q, z, output_mask [4 bools: h, P, Q, b])
+        -> (grad_h (N, d), grad_P (r, d), grad_Q (r, d), grad_b (r,)); a gradient not in the
+        mask is an empty (0,) tensor.
+    retract_(R (r, d) or (k, r, d), method "cholqr2" | "qr" | "polar") -> None, R in place.
 """
 
 from __future__ import annotations
@@ -19,14 +24,44 @@ def cuda_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("reft_ext::lowrank_edit_forward", "CUDA")
 
 
+# lowrank_edit_forward -----------------------------------------------------------------------------
+
+
 @torch.library.register_fake("reft_ext::lowrank_edit_forward")
 def _lowrank_edit_forward_fake(h, P, Q, b):
     return torch.empty_like(h), h.new_empty((h.shape[0], P.shape[0]), dtype=P.dtype)
 
 
-@torch.library.register_fake("reft_ext::lowrank_edit_backward")
-def _lowrank_edit_backward_fake(grad_out, h, P, Q, z):
-    return torch.empty_like(h), torch.empty_like(P), torch.empty_like(Q), P.new_empty(P.shape[0])
+def _lowrank_edit_setup_context(ctx, inputs, output):
+    h, P, Q, _ = inputs
+    _, z = output
+    # Saves h, P, Q and z (N×r): no N×d intermediate.
+    ctx.save_for_backward(h, P, Q, z)
+    ctx.mark_non_differentiable(z)
+
+
+def _lowrank_edit_backward(ctx, grad_out, _grad_z):
+    h, P, Q, z = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad)
+    with torch.no_grad():
+        grads = torch.ops.reft_ext.lowrank_edit_backward(grad_out.contiguous(), h, P, Q, z, mask)
+    grads = tuple(g if wanted else None for g, wanted in zip(grads, mask, strict=True))
+    if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
+        return grads
+    # create_graph=True: the gradients depend on h, P, Q and grad_out. Link them to those in the
+    # graph through a node that raises, instead of handing back constants (torch's
+    # once_differentiable raises only when the incoming gradient requires grad, so a Hessian came
+    # out as silent zeros).
+    wanted = [g for g in grads if g is not None]
+    linked = iter(_FirstOrderOnly.apply(4, h, P, Q, grad_out, *wanted))
+    return tuple(None if g is None else next(linked) for g in grads)
+
+
+torch.library.register_autograd(
+    "reft_ext::lowrank_edit_forward",
+    _lowrank_edit_backward,
+    setup_context=_lowrank_edit_setup_context,
+)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -50,34 +85,26 @@ class _FirstOrderOnly(torch.autograd.Function):
         )
 
 
-class LowRankEditFunction(torch.autograd.Function):
-    """out = h + (h Pᵀ + b) Q on contiguous 2-D rows, with the fused backward.
+# lowrank_edit_backward ----------------------------------------------------------------------------
 
-    Inputs as for ``lowrank_edit_forward``. Saves h, P, Q and z (N×r): no N×d intermediate.
-    First-order only: with ``create_graph=True`` the gradients carry a node that raises when they
-    are differentiated (torch's ``once_differentiable`` does so only when the incoming gradient
-    requires grad, so a Hessian came out as silent zeros).
-    """
 
-    @staticmethod
-    def forward(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor):
-        out, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
-        return out, z
+@torch.library.register_fake("reft_ext::lowrank_edit_backward")
+def _lowrank_edit_backward_fake(grad_out, h, P, Q, z, output_mask):
+    def shaped(like, wanted, shape):
+        return like.new_empty(shape if wanted else (0,))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        h, P, Q, _ = inputs
-        _, z = output
-        ctx.save_for_backward(h, P, Q, z)
-        ctx.mark_non_differentiable(z)
+    want_h, want_P, want_Q, want_b = output_mask
+    return (
+        shaped(h, want_h, h.shape),
+        shaped(P, want_P, P.shape),
+        shaped(P, want_Q, P.shape),
+        shaped(P, want_b, (P.shape[0],)),
+    )
 
-    @staticmethod
-    def backward(ctx, grad_out, _grad_z):
-        h, P, Q, z = ctx.saved_tensors
-        with torch.no_grad():
-            grads = torch.ops.reft_ext.lowrank_edit_backward(grad_out.contiguous(), h, P, Q, z)
-        if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
-            return grads
-        # create_graph=True: the gradients depend on h, P, Q and grad_out. Link them to those in the
-        # graph through a node that raises, instead of handing back constants.
-        return _FirstOrderOnly.apply(4, h, P, Q, grad_out, *grads)
+
+# retract_ -----------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("reft_ext::retract_")
+def _retract_fake(R, method):
+    return None

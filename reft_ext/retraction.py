@@ -1,4 +1,4 @@
-"""Keeping R's rows orthonormal by retraction after each optimizer step (DESIGN §3).
+"""Keeping R's rows orthonormal by retraction after each optimizer step.
 
 Instead of pyreft's orthogonal parametrization (a d×d buffer and a d×d·r product per weight read),
 the optimizer updates R freely and :func:`retract_` maps it back onto the Stiefel manifold in
@@ -10,15 +10,10 @@ from __future__ import annotations
 import torch
 
 from . import ops  # noqa: F401  (registers the ops)
-from .functional import _accumulation_dtype
+from .dtypes import SUPPORTED_DTYPES, SUPPORTED_NAMES, accumulation_dtype
 
-METHODS = {"cholqr2": 0, "qr": 1, "polar": 2}
-_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-@torch.library.register_fake("reft_ext::retract_")
-def _retract_fake(R, method):
-    return None
+#: Retraction methods, by the names the op takes (checked again in C++: csrc/retraction_checks.h).
+METHODS = ("cholqr2", "qr", "polar")
 
 
 def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True) -> torch.Tensor:
@@ -40,11 +35,9 @@ def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True
     if not isinstance(R, torch.Tensor):
         raise TypeError(f"retract_: R must be a torch.Tensor, got {type(R).__name__}")
     if method not in METHODS:
-        raise ValueError(f"retract_: method must be one of {sorted(METHODS)}, got {method!r}")
-    if R.dtype not in _DTYPES:
-        raise ValueError(
-            f"retract_: R must be float64, float32, bfloat16 or float16, got {R.dtype}"
-        )
+        raise ValueError(f"retract_: method must be one of {list(METHODS)}, got {method!r}")
+    if R.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"retract_: R must be {SUPPORTED_NAMES}, got {R.dtype}")
     if R.dim() not in (2, 3) or not 1 <= R.shape[-2] <= R.shape[-1]:
         raise ValueError(
             "retract_: R must have shape (r, d) or (k, r, d) with 1 <= r <= d, "
@@ -54,7 +47,7 @@ def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True
         raise ValueError("retract_: R contains NaN or Inf; cannot orthonormalize it")
     with torch.no_grad():
         target = R if R.is_contiguous() else R.contiguous()
-        torch.ops.reft_ext.retract_(target, METHODS[method])
+        torch.ops.reft_ext.retract_(target, method)
         if target is not R:
             R.copy_(target)  # (bumps R's version itself)
         else:
@@ -83,7 +76,7 @@ def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"project_tangent: G must have R's shape {tuple(R.shape)}, got {tuple(G.shape)}"
         )
-    acc = _accumulation_dtype(G.dtype)
+    acc = accumulation_dtype(G.dtype)
     Ra, Ga = R.to(acc), G.to(acc)
     A = Ga @ Ra.transpose(-1, -2)
     return (Ga - 0.5 * (A + A.transpose(-1, -2)) @ Ra).to(G.dtype)
@@ -179,9 +172,7 @@ def keep_orthonormal(
         device are retracted together in one batched call.
     """
     if method not in METHODS:
-        raise ValueError(
-            f"keep_orthonormal: method must be one of {sorted(METHODS)}, got {method!r}"
-        )
+        raise ValueError(f"keep_orthonormal: method must be one of {list(METHODS)}, got {method!r}")
     if params is not None and (
         isinstance(params, torch.Tensor) or not all(isinstance(p, torch.Tensor) for p in params)
     ):

@@ -110,6 +110,8 @@ def test_gradcheck_non_contiguous(device, op, make_inputs):
 # Raw ops
 
 
+ALL_GRADS = [True] * 4  # lowrank_edit_backward's output_mask: (h, P, Q, b)
+
 RAW_DTYPES = [
     (torch.float32, torch.float32),
     (torch.float64, torch.float64),
@@ -140,7 +142,9 @@ def test_opcheck_backward(device, dtype, acc):
     h, P, Q, b = _raw_inputs(dtype, acc, device)
     _, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
     grad_out = torch.randn_like(h)
-    torch.library.opcheck(torch.ops.reft_ext.lowrank_edit_backward.default, (grad_out, h, P, Q, z))
+    torch.library.opcheck(
+        torch.ops.reft_ext.lowrank_edit_backward.default, (grad_out, h, P, Q, z, ALL_GRADS)
+    )
 
 
 def test_raw_ops_match_truth(device):
@@ -150,11 +154,102 @@ def test_raw_ops_match_truth(device):
     assert_close_rel(z, h @ P.T + b)
     assert_close_rel(out, truth_lowrank_edit(h, P, Q, b))
     g = torch.randn_like(h)
-    grads = torch.ops.reft_ext.lowrank_edit_backward(g, h, P, Q, z)
+    grads = torch.ops.reft_ext.lowrank_edit_backward(g, h, P, Q, z, ALL_GRADS)
     leaves = [t.clone().requires_grad_() for t in (h, P, Q, b)]
     expected = torch.autograd.grad(truth_lowrank_edit(*leaves), leaves, g)
     for got, want in zip(grads, expected, strict=True):
         assert_close_rel(got, want)
+
+
+MASKS = [[bool(bits >> i & 1) for i in range(4)] for bits in range(16)]
+
+
+@pytest.mark.parametrize("dtype, acc", RAW_DTYPES, ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "mask", MASKS, ids=["".join("hPQb"[i] for i in range(4) if m[i]) or "none" for m in MASKS]
+)
+def test_raw_backward_output_mask(device, dtype, acc, mask):
+    """Each gradient the mask asks for is bit for bit the one computed with all four asked for
+    (itself the float64 truth, within fp32/fp64 tolerance); one not asked for is empty."""
+    h, P, Q, b = _raw_inputs(dtype, acc, device, N=133, d=40, r=3)  # a partial group tail
+    _, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
+    g = torch.randn_like(h)
+    grads = torch.ops.reft_ext.lowrank_edit_backward(g, h, P, Q, z, mask)
+    full = torch.ops.reft_ext.lowrank_edit_backward(g, h, P, Q, z, ALL_GRADS)
+    leaves = [t.double().requires_grad_() for t in (h, P, Q, b)]
+    truths = torch.autograd.grad(truth_lowrank_edit(*leaves), leaves, g.double())
+    for wanted, got, every, truth in zip(mask, grads, full, truths, strict=True):
+        if wanted:
+            assert torch.equal(got, every)
+        if every.dtype in (torch.float32, torch.float64):
+            assert_close_rel(every, truth)
+        if not wanted:
+            assert got.shape == (0,) and got.dtype == every.dtype
+
+
+class _RecordMasks(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output_mask of every lowrank_edit_backward call made inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.reft_ext.lowrank_edit_backward.default:
+            self.masks.append(list(args[5]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "needs", [(True, True), (False, True), (True, False)], ids=["all", "frozen-h", "frozen-params"]
+)
+def test_raw_forward_is_differentiable_and_skips_unneeded_grads(device, needs):
+    """torch.ops.reft_ext.lowrank_edit_forward has its own autograd formula: gradients equal the
+    float64 truth, and the backward op is asked only for the gradients autograd needs (no ∂h pass
+    for an h from frozen embeddings, no parameter sums for frozen parameters)."""
+    h_needs, params_need = needs
+    h, P, Q, b = _raw_inputs(torch.float64, torch.float64, device, N=11, d=19, r=2)
+    h.requires_grad_(h_needs)
+    for t in (P, Q, b):
+        t.requires_grad_(params_need)
+    g = torch.randn_like(h)
+    with _RecordMasks() as recorder:
+        out, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
+        assert not z.requires_grad
+        out.backward(g)
+    assert recorder.masks == [[h_needs, params_need, params_need, params_need]]
+    leaves = [t.detach().requires_grad_() for t in (h, P, Q, b)]
+    truths = torch.autograd.grad(truth_lowrank_edit(*leaves), leaves, g)
+    for t, truth in zip((h, P, Q, b), truths, strict=True):
+        if t.requires_grad:
+            assert_close_rel(t.grad, truth)
+        else:
+            assert t.grad is None
+
+
+def test_raw_forward_gradcheck(device):
+    """gradcheck straight on the raw op (no Python autograd.Function around it)."""
+    h, P, Q, b = (t.requires_grad_() for t in _raw_inputs(torch.float64, torch.float64, device))
+
+    def out_only(*args):
+        return torch.ops.reft_ext.lowrank_edit_forward(*args)[0]
+
+    assert torch.autograd.gradcheck(out_only, (h, P, Q, b))
+    assert torch.autograd.gradcheck(out_only, (h.detach(), P, Q, b.detach()))
+
+
+@pytest.mark.parametrize(
+    "requires_grad", [(True,) * 4, (False, True, True, True), (True, False, False, False)]
+)
+def test_opcheck_forward_with_gradients(device, requires_grad):
+    """opcheck's autograd-registration checks, with and without gradients on h and parameters."""
+    inputs = [
+        t.requires_grad_(wanted)
+        for t, wanted in zip(
+            _raw_inputs(torch.float32, torch.float32, device), requires_grad, strict=True
+        )
+    ]
+    torch.library.opcheck(torch.ops.reft_ext.lowrank_edit_forward.default, inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -191,7 +286,7 @@ inputs = torch.load(sys.argv[1])
 results = []
 for h, P, Q, b, g in inputs:
     out, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
-    grads = torch.ops.reft_ext.lowrank_edit_backward(g, h, P, Q, z)
+    grads = torch.ops.reft_ext.lowrank_edit_backward(g, h, P, Q, z, [True] * 4)
     R = torch.randn(2, P.shape[0], P.shape[1], dtype=P.dtype)
     reft_ext.retract_(R)
     results.append((out, *grads, R))
@@ -373,7 +468,9 @@ def test_raw_ops_zero_width_rows(device, N, dtype):
     b = torch.randn(2, dtype=acc, device=device)
     out, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
     assert out.shape == (N, 0) and torch.equal(z, b.expand(N, 2))
-    grad_h, grad_P, grad_Q, grad_b = torch.ops.reft_ext.lowrank_edit_backward(h, h, P, Q, z)
+    grad_h, grad_P, grad_Q, grad_b = torch.ops.reft_ext.lowrank_edit_backward(
+        h, h, P, Q, z, ALL_GRADS
+    )
     assert grad_h.shape == (N, 0) and grad_P.shape == grad_Q.shape == (2, 0)
     assert torch.equal(grad_b, torch.zeros(2, dtype=acc, device=device))
 
@@ -595,7 +692,7 @@ def test_raw_backward_bad_inputs(case):
     args = {**good, "z": z, "grad_out": torch.randn(4, DB), **replace}
     with pytest.raises(RuntimeError, match=rf"\b{name} must\b"):
         torch.ops.reft_ext.lowrank_edit_backward(
-            args["grad_out"], args["h"], args["P"], args["Q"], args["z"]
+            args["grad_out"], args["h"], args["P"], args["Q"], args["z"], ALL_GRADS
         )
 
 

@@ -366,7 +366,7 @@ def test_bad_method():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(3, 7), (2, 3, 5)])
-@pytest.mark.parametrize("method", [0, 1, 2])
+@pytest.mark.parametrize("method", METHODS)
 def test_opcheck(device, method, shape, dtype):
     R = rand(shape, dtype, device)
     torch.library.opcheck(torch.ops.reft_ext.retract_.default, (R, method))
@@ -387,23 +387,25 @@ def test_retract_marks_its_input_modified(device):
 
 def test_raw_op_checks_its_arguments():
     op = torch.ops.reft_ext.retract_
-    with pytest.raises(RuntimeError, match="method"):
-        op(torch.randn(2, 3), 3)
+    with pytest.raises(RuntimeError, match='method must be "cholqr2", "qr" or "polar", got "svd"'):
+        op(torch.randn(2, 3), "svd")
     with pytest.raises(RuntimeError, match="contiguous"):
-        op(torch.randn(3, 2).T, 0)
+        op(torch.randn(3, 2).T, "qr")
     with pytest.raises(RuntimeError, match="shape"):
-        op(torch.randn(3), 0)
+        op(torch.randn(3), "qr")
     with pytest.raises(RuntimeError, match="r <= d"):
-        op(torch.randn(3, 2), 0)
+        op(torch.randn(3, 2), "qr")
     with pytest.raises(RuntimeError, match="float"):
-        op(torch.ones(2, 3, dtype=torch.int32), 0)
+        op(torch.ones(2, 3, dtype=torch.int32), "qr")
+    with pytest.raises(RuntimeError):  # the schema takes the method by name, not by number
+        op(torch.randn(2, 3), 0)
 
 
 def test_raw_op_matches_wrapper(device):
     R0 = rand((3, 4, 9), torch.float64, device)
-    for name, code in (("cholqr2", 0), ("qr", 1), ("polar", 2)):
+    for name in METHODS:
         raw = R0.clone()
-        assert torch.ops.reft_ext.retract_(raw, code) is None
+        assert torch.ops.reft_ext.retract_(raw, name) is None
         assert torch.equal(raw, reft_ext.retract_(R0.clone(), name))
 
 

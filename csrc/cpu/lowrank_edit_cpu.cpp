@@ -7,11 +7,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <type_traits>
 #include <vector>
 
 #include "../lowrank_edit.h"
 #include "../lowrank_edit_checks.h"
+#include "../lowrank_edit_outputs.h"
 #include "convert.h"
 #include "isa_dispatch.h"
 #include "simd_lanes.h"
@@ -129,107 +131,114 @@ struct RowScratch {
   }
 };
 
+// Pointers and sizes of one forward call.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+struct ForwardArgs {
+  const scalar_t* h;
+  const acc_t *P, *Q, *b;
+  scalar_t* out;
+  acc_t* z;
+  int64_t d, r;
+};
+
+// Pointers and sizes of one backward call. grad_h null: ∂h is not wanted (its pass is skipped);
+// want_P/Q/b false: that parameter's outer-product sums are skipped.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+struct BackwardArgs {
+  const scalar_t *grad_out, *h;
+  const acc_t *P, *Q, *z;
+  scalar_t* grad_h;
+  bool want_P, want_Q, want_b;
+  int64_t d, r;
+};
+
 // Forward on M rows from n: z = x Pᵀ + b, out = x + z Q.
 template <int M, typename scalar_t, typename acc_t>
-REFT_ROW_INLINE void forward_block(RowScratch<scalar_t, acc_t>& scratch, const scalar_t* h,
-                                   const acc_t* P, const acc_t* Q, const acc_t* b, scalar_t* out,
-                                   acc_t* z, int64_t n, int64_t d, int64_t r) {
+REFT_ROW_INLINE void forward_block(RowScratch<scalar_t, acc_t>& scratch,
+                                   const ForwardArgs<scalar_t>& a, int64_t n) {
   const acc_t* x[M];
   acc_t* zi[M];
   scalar_t* y[M];
-  scratch.template view<M>(h, n, d, 0, x);
+  scratch.template view<M>(a.h, n, a.d, 0, x);
   for (int i = 0; i < M; ++i) {
-    zi[i] = z + (n + i) * r;
-    y[i] = out + (n + i) * d;
+    zi[i] = a.z + (n + i) * a.r;
+    y[i] = a.out + (n + i) * a.d;
   }
-  project_rows<M>(x, P, b, d, r, zi);
-  edit_rows<M>(x, zi, Q, d, r, y);
+  project_rows<M>(x, a.P, a.b, a.d, a.r, zi);
+  edit_rows<M>(x, zi, a.Q, a.d, a.r, y);
 }
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-REFT_ROW_INLINE void forward_rows(const scalar_t* h, const acc_t* P, const acc_t* Q, const acc_t* b,
-                                  scalar_t* out, acc_t* z, int64_t begin, int64_t end, int64_t d,
-                                  int64_t r) {
-  RowScratch<scalar_t, acc_t> scratch(kRowBlock, d, r);
+REFT_ROW_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  RowScratch<scalar_t, acc_t> scratch(kRowBlock, a.d, a.r);
   int64_t n = begin;
-  for (; n + kRowBlock <= end; n += kRowBlock) {
-    forward_block<kRowBlock>(scratch, h, P, Q, b, out, z, n, d, r);
-  }
-  for (; n < end; ++n) forward_block<1>(scratch, h, P, Q, b, out, z, n, d, r);
+  for (; n + kRowBlock <= end; n += kRowBlock) forward_block<kRowBlock>(scratch, a, n);
+  for (; n < end; ++n) forward_block<1>(scratch, a, n);
 }
 
 // Backward on M rows from n: gz = g Qᵀ, ∂h = g + gz P, and ∂P += gzᵀ h, ∂Q += zᵀ g, ∂b += Σ gz
-// into `partial` = [∂P (r×d) | ∂Q (r×d) | ∂b (r)].
+// into `partial` = [∂P (r×d) | ∂Q (r×d) | ∂b (r)], each only where wanted.
 template <int M, typename scalar_t, typename acc_t>
-REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch, const scalar_t* grad_out,
-                                    const scalar_t* h, const acc_t* P, const acc_t* Q,
-                                    const acc_t* z, scalar_t* grad_h, acc_t* partial, int64_t n,
-                                    int64_t d, int64_t r) {
+REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch,
+                                    const BackwardArgs<scalar_t>& a, acc_t* partial, int64_t n) {
+  const int64_t d = a.d, r = a.r;
   const acc_t* g[M];
   const acc_t* x[M];
   const acc_t* zi[M];
   acc_t* gz[M];
-  scalar_t* dh[M];
-  scratch.template view<M>(grad_out, n, d, 0, g);
-  scratch.template view<M>(h, n, d, 1, x);
+  scratch.template view<M>(a.grad_out, n, d, 0, g);
   for (int i = 0; i < M; ++i) {
-    zi[i] = z + (n + i) * r;
+    zi[i] = a.z + (n + i) * r;
     gz[i] = scratch.projections.data() + i * r;
-    dh[i] = grad_h + (n + i) * d;
   }
-  project_rows<M>(g, Q, static_cast<const acc_t*>(nullptr), d, r, gz);
-  edit_rows<M>(g, gz, P, d, r, dh);
-  accumulate_rows<M>(partial, gz, x, d, r);
-  accumulate_rows<M>(partial + r * d, zi, g, d, r);
-  acc_t* db = partial + 2 * r * d;
-  for (int64_t k = 0; k < r; ++k) {
-    for (int i = 0; i < M; ++i) db[k] += gz[i][k];
+  if (a.grad_h || a.want_P || a.want_b) {
+    project_rows<M>(g, a.Q, static_cast<const acc_t*>(nullptr), d, r, gz);
+  }
+  if (a.grad_h) {
+    scalar_t* dh[M];
+    for (int i = 0; i < M; ++i) dh[i] = a.grad_h + (n + i) * d;
+    edit_rows<M>(g, gz, a.P, d, r, dh);
+  }
+  if (a.want_P) {
+    scratch.template view<M>(a.h, n, d, 1, x);
+    accumulate_rows<M>(partial, gz, x, d, r);
+  }
+  if (a.want_Q) accumulate_rows<M>(partial + r * d, zi, g, d, r);
+  if (a.want_b) {
+    acc_t* db = partial + 2 * r * d;
+    for (int64_t k = 0; k < r; ++k) {
+      for (int i = 0; i < M; ++i) db[k] += gz[i][k];
+    }
   }
 }
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-REFT_ROW_INLINE void backward_rows(const scalar_t* grad_out, const scalar_t* h, const acc_t* P,
-                                   const acc_t* Q, const acc_t* z, scalar_t* grad_h, acc_t* partial,
-                                   int64_t begin, int64_t end, int64_t d, int64_t r) {
-  RowScratch<scalar_t, acc_t> scratch(2 * kRowBlock, d, r);
+REFT_ROW_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, acc_t* partial, int64_t begin,
+                                   int64_t end) {
+  RowScratch<scalar_t, acc_t> scratch(2 * kRowBlock, a.d, a.r);
   int64_t n = begin;
-  for (; n + kRowBlock <= end; n += kRowBlock) {
-    backward_block<kRowBlock>(scratch, grad_out, h, P, Q, z, grad_h, partial, n, d, r);
-  }
-  for (; n < end; ++n) backward_block<1>(scratch, grad_out, h, P, Q, z, grad_h, partial, n, d, r);
+  for (; n + kRowBlock <= end; n += kRowBlock) backward_block<kRowBlock>(scratch, a, partial, n);
+  for (; n < end; ++n) backward_block<1>(scratch, a, partial, n);
 }
 
-// Entry points compiled once per instruction set; the row loops above inline into each.
+// Entry points compiled once per instruction set (isa_dispatch.h); the row loops inline into each.
 template <typename scalar_t>
-void forward_rows_portable(const scalar_t* h, const acc_type<scalar_t>* P,
-                           const acc_type<scalar_t>* Q, const acc_type<scalar_t>* b, scalar_t* out,
-                           acc_type<scalar_t>* z, int64_t begin, int64_t end, int64_t d,
-                           int64_t r) {
-  forward_rows(h, P, Q, b, out, z, begin, end, d, r);
+void forward_rows_portable(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  forward_rows(a, begin, end);
 }
 template <typename scalar_t>
-void backward_rows_portable(const scalar_t* grad_out, const scalar_t* h,
-                            const acc_type<scalar_t>* P, const acc_type<scalar_t>* Q,
-                            const acc_type<scalar_t>* z, scalar_t* grad_h,
-                            acc_type<scalar_t>* partial, int64_t begin, int64_t end, int64_t d,
-                            int64_t r) {
-  backward_rows(grad_out, h, P, Q, z, grad_h, partial, begin, end, d, r);
-}
-
-template <typename scalar_t>
-REFT_AVX2_FMA void forward_rows_avx2(const scalar_t* h, const acc_type<scalar_t>* P,
-                                     const acc_type<scalar_t>* Q, const acc_type<scalar_t>* b,
-                                     scalar_t* out, acc_type<scalar_t>* z, int64_t begin,
-                                     int64_t end, int64_t d, int64_t r) {
-  forward_rows(h, P, Q, b, out, z, begin, end, d, r);
+REFT_AVX2_FMA void forward_rows_avx2(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  forward_rows(a, begin, end);
 }
 template <typename scalar_t>
-REFT_AVX2_FMA void backward_rows_avx2(const scalar_t* grad_out, const scalar_t* h,
-                                      const acc_type<scalar_t>* P, const acc_type<scalar_t>* Q,
-                                      const acc_type<scalar_t>* z, scalar_t* grad_h,
-                                      acc_type<scalar_t>* partial, int64_t begin, int64_t end,
-                                      int64_t d, int64_t r) {
-  backward_rows(grad_out, h, P, Q, z, grad_h, partial, begin, end, d, r);
+void backward_rows_portable(const BackwardArgs<scalar_t>& a, acc_type<scalar_t>* partial,
+                            int64_t begin, int64_t end) {
+  backward_rows(a, partial, begin, end);
+}
+template <typename scalar_t>
+REFT_AVX2_FMA void backward_rows_avx2(const BackwardArgs<scalar_t>& a, acc_type<scalar_t>* partial,
+                                      int64_t begin, int64_t end) {
+  backward_rows(a, partial, begin, end);
 }
 
 std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
@@ -245,16 +254,17 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
         using acc_t = acc_type<scalar_t>;
         const auto rows =
             kernel_variant(&forward_rows_portable<scalar_t>, &forward_rows_avx2<scalar_t>);
-        const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
-        scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-        const acc_t* P_ptr = P.const_data_ptr<acc_t>();
-        const acc_t* Q_ptr = Q.const_data_ptr<acc_t>();
-        const acc_t* b_ptr = b.const_data_ptr<acc_t>();
-        acc_t* z_ptr = z.mutable_data_ptr<acc_t>();
+        const ForwardArgs<scalar_t> args{h.const_data_ptr<scalar_t>(),
+                                         P.const_data_ptr<acc_t>(),
+                                         Q.const_data_ptr<acc_t>(),
+                                         b.const_data_ptr<acc_t>(),
+                                         out.mutable_data_ptr<scalar_t>(),
+                                         z.mutable_data_ptr<acc_t>(),
+                                         d,
+                                         r};
         const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
-        at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-          rows(h_ptr, P_ptr, Q_ptr, b_ptr, out_ptr, z_ptr, begin, end, d, r);
-        });
+        at::parallel_for(0, N, grain,
+                         [&](int64_t begin, int64_t end) { rows(args, begin, end); });
       });
   return {out, z};
 }
@@ -263,51 +273,57 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
 // are then added in group order, so the result does not depend on the thread count.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
-    const at::Tensor& z) {
+    const at::Tensor& z, std::array<bool, 4> output_mask) {
   check_backward_args(grad_out, h, P, Q, z);
+  BackwardOutputs grads(h, P, output_mask);
   const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
-  if (N == 0 || d == 0) {  // no products to sum: the gradients are exact zeros
-    return {at::empty_like(h), at::zeros_like(P), at::zeros_like(Q), at::zeros({r}, P.options())};
-  }
+  if (N == 0 || d == 0 || !grads.any()) return grads.zero_filled();
+  const bool want_params = grads.want_P() || grads.want_Q() || grads.want_b();
   const int64_t group_rows = rows_per_partial(N, r);
   const int64_t groups = ceil_div(N, group_rows);
   const int64_t partial_size = 2 * r * d + r;
-  auto grad_h = at::empty_like(h);
-  auto grad_P = at::empty_like(P);
-  auto grad_Q = at::empty_like(Q);
-  auto grad_b = at::empty({r}, P.options());
-  auto partials = at::zeros({groups, partial_size}, P.options());
+  auto partials = at::zeros({want_params ? groups : 0, partial_size}, P.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
         using acc_t = acc_type<scalar_t>;
         const auto rows =
             kernel_variant(&backward_rows_portable<scalar_t>, &backward_rows_avx2<scalar_t>);
-        const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
-        const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
-        scalar_t* grad_h_ptr = grad_h.mutable_data_ptr<scalar_t>();
-        const acc_t* P_ptr = P.const_data_ptr<acc_t>();
-        const acc_t* Q_ptr = Q.const_data_ptr<acc_t>();
-        const acc_t* z_ptr = z.const_data_ptr<acc_t>();
+        const BackwardArgs<scalar_t> args{
+            grad_out.const_data_ptr<scalar_t>(),
+            h.const_data_ptr<scalar_t>(),
+            P.const_data_ptr<acc_t>(),
+            Q.const_data_ptr<acc_t>(),
+            z.const_data_ptr<acc_t>(),
+            grads.want_h() ? grads.grad_h.mutable_data_ptr<scalar_t>() : nullptr,
+            grads.want_P(),
+            grads.want_Q(),
+            grads.want_b(),
+            d,
+            r};
         acc_t* partial_ptr = partials.mutable_data_ptr<acc_t>();
         at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
           for (int64_t group = group_begin; group < group_end; ++group) {
-            rows(g_ptr, h_ptr, P_ptr, Q_ptr, z_ptr, grad_h_ptr, partial_ptr + group * partial_size,
-                 group * group_rows, std::min(N, (group + 1) * group_rows), d, r);
+            acc_t* partial = want_params ? partial_ptr + group * partial_size : nullptr;
+            rows(args, partial, group * group_rows, std::min(N, (group + 1) * group_rows));
           }
         });
-        acc_t* targets[3] = {grad_P.mutable_data_ptr<acc_t>(), grad_Q.mutable_data_ptr<acc_t>(),
-                             grad_b.mutable_data_ptr<acc_t>()};
+        if (!want_params) return;
+        // The three wanted parts of the partials, summed over groups in group order.
+        acc_t* targets[3] = {grads.want_P() ? grads.grad_P.mutable_data_ptr<acc_t>() : nullptr,
+                             grads.want_Q() ? grads.grad_Q.mutable_data_ptr<acc_t>() : nullptr,
+                             grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr};
         at::parallel_for(0, partial_size, 4096, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
+            const int64_t part = std::min<int64_t>(i / (r * d), 2);
+            if (targets[part] == nullptr) continue;
             acc_t sum = 0;
             for (int64_t group = 0; group < groups; ++group)
               sum += partial_ptr[group * partial_size + i];
-            const int64_t part = std::min<int64_t>(i / (r * d), 2);
             targets[part][i - part * r * d] = sum;
           }
         });
       });
-  return {grad_h, grad_P, grad_Q, grad_b};
+  return grads.as_tuple();
 }
 
 }  // namespace

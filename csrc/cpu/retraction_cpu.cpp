@@ -17,19 +17,20 @@ namespace {
 
 // Entry points compiled once per instruction set (isa_dispatch.h).
 template <typename acc_t>
-void retract_matrix_portable(acc_t* R, int64_t r, int64_t d, int64_t method, acc_t* work,
-                             acc_t* small) {
-  retraction::retract_matrix(R, r, d, static_cast<retraction::Method>(method), work, small);
+void retract_matrix_portable(acc_t* R, int64_t r, int64_t d, retraction::Method method,
+                             acc_t* work, acc_t* small) {
+  retraction::retract_matrix(R, r, d, method, work, small);
 }
 template <typename acc_t>
-REFT_AVX2_FMA void retract_matrix_avx2(acc_t* R, int64_t r, int64_t d, int64_t method, acc_t* work,
-                                       acc_t* small) {
-  retraction::retract_matrix(R, r, d, static_cast<retraction::Method>(method), work, small);
+REFT_AVX2_FMA void retract_matrix_avx2(acc_t* R, int64_t r, int64_t d, retraction::Method method,
+                                       acc_t* work, acc_t* small) {
+  retraction::retract_matrix(R, r, d, method, work, small);
 }
 
 // Retracts the `batch` matrices (r×d each) at base, in parallel over matrices.
 template <typename scalar_t>
-void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, int64_t method) {
+void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d,
+                   retraction::Method method) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const auto retract_one =
@@ -54,8 +55,8 @@ void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, int64_t 
   });
 }
 
-void retract_cpu(at::Tensor& R, int64_t method) {
-  check_retract_args(R, method);
+void retract_cpu(at::Tensor& R, c10::string_view method_name) {
+  const retraction::Method method = check_retract_args(R, method_name);
   const int64_t r = R.size(-2), d = R.size(-1);
   const int64_t batch = R.numel() / (r * d);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, R.scalar_type(), "retract_cpu", [&] {

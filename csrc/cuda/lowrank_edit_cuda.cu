@@ -3,13 +3,13 @@
 // Forward: one launch of edit_rows_kernel (read h once, write out once, z to an N×r buffer).
 // Backward: edit_rows_kernel again with the factors swapped (gz = g Qᵀ, ∂h = g + gz P), then
 // outer_partials_kernel (∂P = gzᵀ h, ∂Q = zᵀ g, ∂b = Σ gz per group of rows) and
-// sum_partials_kernel (groups added in order): four passes over N×d, no atomics, deterministic.
+// sum_partials_kernel (groups added in order). No atomics, deterministic. Passes over N×d: the
+// first kernel reads g twice and writes ∂h; the second reads h for ∂P and g for ∂Q. A gradient not
+// asked for skips its part: without ∂h the first kernel reads g once and writes nothing of N×d.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,6 +19,7 @@
 
 #include "../lowrank_edit.h"
 #include "../lowrank_edit_checks.h"
+#include "../lowrank_edit_outputs.h"
 #include "warp_reduce.cuh"
 
 namespace reft_ext {
@@ -61,8 +62,8 @@ constexpr int edit_rows_min_blocks() {
 }
 
 // For a tile of kTileRows rows x: proj = x Aᵀ (+ c) (N, r) and y = x + proj B.
-// Forward: (A, B, c) = (P, Q, b). Backward: (A, B, c) = (Q, P, null) gives gz and ∂h.
-// V divides d (V = 1 otherwise), so every strip is full.
+// Forward: (A, B, c) = (P, Q, b). Backward: (A, B, c) = (Q, P, null) gives gz and ∂h; with y null
+// only proj is computed. V divides d (V = 1 otherwise), so every strip is full.
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
     edit_rows_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ A,
@@ -114,6 +115,7 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
     }
     __syncthreads();  // also publishes this chunk of proj to the whole block
   }
+  if (y == nullptr) return;  // the same for the whole block: no barrier is left behind
 
   for (int64_t s = threadIdx.x; s < strips; s += kThreads) {
     const int64_t j = s * V;
@@ -128,15 +130,16 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
 }
 
 // Per group of rows (blockIdx.y) and column strip: partials[t][group][k][j] = Σ_n coef[n][k]
-// x[n][j] with (coef, x) = (gz, h) for t = 0 (∂P) and (z, g) for t = 1 (∂Q); blockIdx.z = t. Block
+// x[n][j] with (coef, x) = (gz, h) for t = 0 (∂P) and (z, g) for t = 1 (∂Q); t = first_t +
+// blockIdx.z, so a grid of depth 1 computes only one of them. Unless bias_partials is null, block
 // (0, group, 0) also writes bias_partials[group][k] = Σ_n gz[n][k].
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     outer_partials_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ g,
                           const acc_t* __restrict__ gz, const acc_t* __restrict__ z,
                           acc_t* __restrict__ partials, acc_t* __restrict__ bias_partials,
-                          int64_t N, int64_t d, int r, int64_t group_rows) {
-  const int t = blockIdx.z;
+                          int64_t N, int64_t d, int r, int64_t group_rows, int first_t) {
+  const int t = first_t + static_cast<int>(blockIdx.z);
   const scalar_t* x = t == 0 ? h : g;
   const acc_t* coef = t == 0 ? gz : z;
   const int64_t group = blockIdx.y, groups = gridDim.y;
@@ -144,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n1 = n0 + group_rows < N ? n0 + group_rows : N;
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
 
-  if (t == 0 && blockIdx.x == 0) {
+  if (bias_partials != nullptr && blockIdx.z == 0 && blockIdx.x == 0) {
     for (int k = threadIdx.x; k < r; k += kThreads) {
       acc_t total = 0;
       for (int64_t n = n0; n < n1; ++n) total += gz[n * r + k];
@@ -177,7 +180,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_P, grad_Q (r×d each) and grad_b (r): partials added in group order.
+// grad_P, grad_Q (r×d each) and grad_b (r): partials added in group order; a null target is skipped.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     sum_partials_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ bias_partials,
@@ -186,11 +189,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (idx < 2 * rd) {
     const int64_t t = idx / rd, e = idx % rd;
+    acc_t* target = t == 0 ? grad_P : grad_Q;
+    if (target == nullptr) return;
     acc_t total = 0;
     for (int64_t group = 0; group < groups; ++group)
       total += partials[(t * groups + group) * rd + e];
-    (t == 0 ? grad_P : grad_Q)[e] = total;
-  } else if (idx < 2 * rd + r) {
+    target[e] = total;
+  } else if (idx < 2 * rd + r && grad_b != nullptr) {
     const int64_t k = idx - 2 * rd;
     acc_t total = 0;
     for (int64_t group = 0; group < groups; ++group) total += bias_partials[group * r + k];
@@ -247,57 +252,71 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cuda(const at::Tensor& h
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
-    const at::Tensor& z) {
+    const at::Tensor& z, std::array<bool, 4> output_mask) {
   check_backward_args(grad_out, h, P, Q, z);
   const c10::cuda::CUDAGuard guard(h.device());
+  BackwardOutputs grads(h, P, output_mask);
   const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
-  auto grad_h = at::empty_like(h);
-  if (N == 0 || d == 0) {  // no products to sum: the gradients are exact zeros (and no empty grid)
-    return {grad_h, at::zeros_like(P), at::zeros_like(Q), at::zeros({r}, P.options())};
-  }
-  auto grad_P = at::empty_like(P);
-  auto grad_Q = at::empty_like(Q);
-  auto grad_b = at::empty({r}, P.options());
-  auto gz = at::empty({N, r}, P.options());
+  // No products to sum (and no empty grid), or nothing asked for.
+  if (N == 0 || d == 0 || !grads.any()) return grads.zero_filled();
+  // gz is needed by ∂h, ∂P and ∂b; ∂Q needs only z and g.
+  const bool want_gz = grads.want_h() || grads.want_P() || grads.want_b();
+  const bool want_outer = grads.want_P() || grads.want_Q();
+  auto gz = at::empty({want_gz ? N : 0, r}, P.options());
   const int64_t group_rows = rows_per_partial(N, r);
   const int64_t groups = ceil_div(N, group_rows);
-  auto partials = at::empty({2, groups, r, d}, P.options());
-  auto bias_partials = at::empty({groups, r}, P.options());
+  auto partials = at::empty({want_outer ? 2 : 0, groups, r, d}, P.options());
+  auto bias_partials = at::empty({grads.want_b() ? groups : 0, r}, P.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_backward_cuda", [&] {
         using acc_t = acc_type<scalar_t>;
         const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
         const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
-        acc_t* gz_ptr = gz.mutable_data_ptr<acc_t>();
-        launch_edit_rows<scalar_t, acc_t>(
-            g_ptr, Q.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), nullptr,
-            grad_h.mutable_data_ptr<scalar_t>(), gz_ptr, N, d, static_cast<int>(r), stream);
-        // Two-byte rows use 4-byte loads (2 elements), so a warp still reads 128 contiguous bytes
-        // while the grid keeps enough column blocks to fill the GPU.
-        constexpr int V = sizeof(scalar_t) == 2 ? 2 : 1;
-        const int64_t strips = d % V == 0 ? d / V : -1;
-        const dim3 grid(static_cast<unsigned>(ceil_div(strips > 0 ? strips : d, kThreads)),
-                        static_cast<unsigned>(groups), 2);
-        if (strips > 0) {
-          outer_partials_kernel<scalar_t, acc_t, V><<<grid, kThreads, 0, stream>>>(
-              h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>(),
-              bias_partials.mutable_data_ptr<acc_t>(), N, d, static_cast<int>(r), group_rows);
-        } else {
-          outer_partials_kernel<scalar_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(
-              h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials.mutable_data_ptr<acc_t>(),
-              bias_partials.mutable_data_ptr<acc_t>(), N, d, static_cast<int>(r), group_rows);
+        acc_t* gz_ptr = want_gz ? gz.mutable_data_ptr<acc_t>() : nullptr;
+        if (want_gz) {
+          launch_edit_rows<scalar_t, acc_t>(
+              g_ptr, Q.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), nullptr,
+              grads.want_h() ? grads.grad_h.mutable_data_ptr<scalar_t>() : nullptr, gz_ptr, N, d,
+              static_cast<int>(r), stream);
         }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const int64_t outputs = 2 * r * d + r;
-        sum_partials_kernel<acc_t>
-            <<<static_cast<unsigned>(ceil_div(outputs, kThreads)), kThreads, 0, stream>>>(
-                partials.const_data_ptr<acc_t>(), bias_partials.const_data_ptr<acc_t>(),
-                grad_P.mutable_data_ptr<acc_t>(), grad_Q.mutable_data_ptr<acc_t>(),
-                grad_b.mutable_data_ptr<acc_t>(), groups, r * d, static_cast<int>(r));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (want_outer || grads.want_b()) {
+          // Two-byte rows use 4-byte loads (2 elements), so a warp still reads 128 contiguous
+          // bytes while the grid keeps enough column blocks to fill the GPU. Depth: the wanted
+          // ones of ∂P (t = 0) and ∂Q (t = 1); ∂b alone needs one layer of column blocks.
+          constexpr int V = sizeof(scalar_t) == 2 ? 2 : 1;
+          const int64_t strips = d % V == 0 ? d / V : -1;
+          const int first_t = grads.want_P() || !want_outer ? 0 : 1;
+          const int depth = grads.want_P() && grads.want_Q() ? 2 : 1;
+          const dim3 grid(
+              static_cast<unsigned>(want_outer ? ceil_div(strips > 0 ? strips : d, kThreads) : 1),
+              static_cast<unsigned>(groups), static_cast<unsigned>(depth));
+          // With no outer product wanted, the kernel's column range starts past d (bias only).
+          const int64_t columns = want_outer ? d : 0;
+          acc_t* partials_ptr = want_outer ? partials.mutable_data_ptr<acc_t>() : nullptr;
+          acc_t* bias_ptr = grads.want_b() ? bias_partials.mutable_data_ptr<acc_t>() : nullptr;
+          if (strips > 0) {
+            outer_partials_kernel<scalar_t, acc_t, V><<<grid, kThreads, 0, stream>>>(
+                h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N,
+                columns, static_cast<int>(r), group_rows, first_t);
+          } else {
+            outer_partials_kernel<scalar_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(
+                h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N,
+                columns, static_cast<int>(r), group_rows, first_t);
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          const int64_t outputs = 2 * r * d + r;
+          sum_partials_kernel<acc_t>
+              <<<static_cast<unsigned>(ceil_div(outputs, kThreads)), kThreads, 0, stream>>>(
+                  partials_ptr, bias_partials.const_data_ptr<acc_t>(),
+                  grads.want_P() ? grads.grad_P.mutable_data_ptr<acc_t>() : nullptr,
+                  grads.want_Q() ? grads.grad_Q.mutable_data_ptr<acc_t>() : nullptr,
+                  grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr, groups,
+                  r * d, static_cast<int>(r));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
       });
-  return {grad_h, grad_P, grad_Q, grad_b};
+  return grads.as_tuple();
 }
 
 }  // namespace

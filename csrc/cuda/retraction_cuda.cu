@@ -62,7 +62,7 @@ __device__ acc_t block_max_abs(const acc_t* x, int64_t n) {
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads, 1)
     retract_kernel(acc_t* values, acc_t* work_all, acc_t* small_all, int64_t r, int64_t d,
-                   int method) {
+                   retraction::Method method) {
   using namespace retraction;
   __shared__ int ok;
   const int64_t b = blockIdx.x;
@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-void retract_cuda(at::Tensor& R, int64_t method) {
-  check_retract_args(R, method);
+void retract_cuda(at::Tensor& R, c10::string_view method_name) {
+  const retraction::Method method = check_retract_args(R, method_name);
   const c10::cuda::CUDAGuard guard(R.device());
   const int64_t r = R.size(-2), d = R.size(-1);
   const int64_t batch = R.numel() / (r * d);
@@ -124,7 +124,7 @@ void retract_cuda(at::Tensor& R, int64_t method) {
   AT_DISPATCH_FLOATING_TYPES(acc, "retract_cuda", [&] {
     retract_kernel<scalar_t><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
         values.mutable_data_ptr<scalar_t>(), work.mutable_data_ptr<scalar_t>(),
-        small.mutable_data_ptr<scalar_t>(), r, d, static_cast<int>(method));
+        small.mutable_data_ptr<scalar_t>(), r, d, method);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!values.is_same(R)) R.copy_(values);
