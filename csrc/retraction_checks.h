@@ -24,8 +24,8 @@ inline retraction::Method check_retract_args(const at::Tensor& R, c10::string_vi
               ", d = ", d);
   if (method == "cholqr2") return retraction::kCholQR2;
   if (method == "qr") return retraction::kQR;
-  TORCH_CHECK(method == "polar", "method must be \"cholqr2\", \"qr\" or \"polar\", got \"",
-              method, "\"");
+  TORCH_CHECK(method == "polar", "method must be \"cholqr2\", \"qr\" or \"polar\", got \"", method,
+              "\"");
   return retraction::kPolar;
 }
 

@@ -35,6 +35,10 @@ REFT_ROW_INLINE const acc_t* row_as_acc(const scalar_t* row, int64_t d, acc_t* b
 // Rows are processed in blocks of kRowBlock: each strip of P, Q and of the partial sums is loaded
 // once per block instead of once per row, which keeps those r×d matrices out of the row's way.
 constexpr int kRowBlock = 4;
+// The backward pass adds each block's rows into the r×d partial sums of ∂P and ∂Q, which do not
+// fit in L1 beside the rows: blocks of 8 rows halve that partial traffic per row. (Its projections
+// and edits still go 4 rows at a time, which keeps their accumulators in registers.)
+constexpr int kBackwardRowBlock = 8;
 
 // z[i][k] = Σ_j P[k, j] x[i][j] + b[k] for the M rows x[i], ranks [k, k + K) (b may be null).
 template <int M, int K, typename acc_t>
@@ -118,8 +122,9 @@ struct RowScratch {
   static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   std::vector<acc_t> rows;
   std::vector<acc_t> projections;
-  RowScratch(int64_t n_rows, int64_t d, int64_t r)
-      : rows(kConvert ? n_rows * d : 0), projections(kRowBlock * r) {}
+  // Room for `n_rows` converted rows and the projections of a block of `block_rows`.
+  RowScratch(int64_t n_rows, int64_t block_rows, int64_t d, int64_t r)
+      : rows(kConvert ? n_rows * d : 0), projections(block_rows * r) {}
   // Pointers to rows [n, n + M) of src (stride d), converted into slot `slot` when needed.
   template <int M>
   REFT_ROW_INLINE void view(const scalar_t* src, int64_t n, int64_t d, int slot,
@@ -170,7 +175,7 @@ REFT_ROW_INLINE void forward_block(RowScratch<scalar_t, acc_t>& scratch,
 
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 REFT_ROW_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  RowScratch<scalar_t, acc_t> scratch(kRowBlock, a.d, a.r);
+  RowScratch<scalar_t, acc_t> scratch(kRowBlock, kRowBlock, a.d, a.r);
   int64_t n = begin;
   for (; n + kRowBlock <= end; n += kRowBlock) forward_block<kRowBlock>(scratch, a, n);
   for (; n < end; ++n) forward_block<1>(scratch, a, n);
@@ -191,13 +196,16 @@ REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch,
     zi[i] = a.z + (n + i) * r;
     gz[i] = scratch.projections.data() + i * r;
   }
+  constexpr int S = M < kRowBlock ? M : kRowBlock;  // rows per projection and edit
   if (a.grad_h || a.want_P || a.want_b) {
-    project_rows<M>(g, a.Q, static_cast<const acc_t*>(nullptr), d, r, gz);
+    for (int s = 0; s < M; s += S) {
+      project_rows<S>(g + s, a.Q, static_cast<const acc_t*>(nullptr), d, r, gz + s);
+    }
   }
   if (a.grad_h) {
     scalar_t* dh[M];
     for (int i = 0; i < M; ++i) dh[i] = a.grad_h + (n + i) * d;
-    edit_rows<M>(g, gz, a.P, d, r, dh);
+    for (int s = 0; s < M; s += S) edit_rows<S>(g + s, gz + s, a.P, d, r, dh + s);
   }
   if (a.want_P) {
     scratch.template view<M>(a.h, n, d, 1, x);
@@ -215,9 +223,11 @@ REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch,
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 REFT_ROW_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, acc_t* partial, int64_t begin,
                                    int64_t end) {
-  RowScratch<scalar_t, acc_t> scratch(2 * kRowBlock, a.d, a.r);
+  RowScratch<scalar_t, acc_t> scratch(2 * kBackwardRowBlock, kBackwardRowBlock, a.d, a.r);
   int64_t n = begin;
-  for (; n + kRowBlock <= end; n += kRowBlock) backward_block<kRowBlock>(scratch, a, partial, n);
+  for (; n + kBackwardRowBlock <= end; n += kBackwardRowBlock) {
+    backward_block<kBackwardRowBlock>(scratch, a, partial, n);
+  }
   for (; n < end; ++n) backward_block<1>(scratch, a, partial, n);
 }
 
@@ -263,8 +273,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
                                          d,
                                          r};
         const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
-        at::parallel_for(0, N, grain,
-                         [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+        at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
       });
   return {out, z};
 }

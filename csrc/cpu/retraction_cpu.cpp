@@ -17,8 +17,8 @@ namespace {
 
 // Entry points compiled once per instruction set (isa_dispatch.h).
 template <typename acc_t>
-void retract_matrix_portable(acc_t* R, int64_t r, int64_t d, retraction::Method method,
-                             acc_t* work, acc_t* small) {
+void retract_matrix_portable(acc_t* R, int64_t r, int64_t d, retraction::Method method, acc_t* work,
+                             acc_t* small) {
   retraction::retract_matrix(R, r, d, method, work, small);
 }
 template <typename acc_t>
@@ -29,8 +29,7 @@ REFT_AVX2_FMA void retract_matrix_avx2(acc_t* R, int64_t r, int64_t d, retractio
 
 // Retracts the `batch` matrices (r×d each) at base, in parallel over matrices.
 template <typename scalar_t>
-void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d,
-                   retraction::Method method) {
+void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, retraction::Method method) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const auto retract_one =

@@ -180,7 +180,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_P, grad_Q (r×d each) and grad_b (r): partials added in group order; a null target is skipped.
+// grad_P, grad_Q (r×d each) and grad_b (r): partials added in group order; a null target is
+// skipped.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     sum_partials_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ bias_partials,
@@ -297,12 +298,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
           acc_t* bias_ptr = grads.want_b() ? bias_partials.mutable_data_ptr<acc_t>() : nullptr;
           if (strips > 0) {
             outer_partials_kernel<scalar_t, acc_t, V><<<grid, kThreads, 0, stream>>>(
-                h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N,
-                columns, static_cast<int>(r), group_rows, first_t);
+                h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N, columns,
+                static_cast<int>(r), group_rows, first_t);
           } else {
             outer_partials_kernel<scalar_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(
-                h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N,
-                columns, static_cast<int>(r), group_rows, first_t);
+                h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N, columns,
+                static_cast<int>(r), group_rows, first_t);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           const int64_t outputs = 2 * r * d + r;
@@ -311,8 +312,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
                   partials_ptr, bias_partials.const_data_ptr<acc_t>(),
                   grads.want_P() ? grads.grad_P.mutable_data_ptr<acc_t>() : nullptr,
                   grads.want_Q() ? grads.grad_Q.mutable_data_ptr<acc_t>() : nullptr,
-                  grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr, groups,
-                  r * d, static_cast<int>(r));
+                  grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr, groups, r * d,
+                  static_cast<int>(r));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });

@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 
 from .cases import (
+    GRAD_SKIP_PROVIDERS,
     ROOFLINE,
+    GradSkipCase,
     HookCase,
     OpCase,
     RetractionCase,
     TrainStepCase,
+    grad_skip_call,
     hook_call,
     hook_cases,
     input_sets_for,
@@ -69,7 +72,7 @@ def run_info(device: torch.device) -> dict:
 
 
 def measure(
-    case: OpCase | RetractionCase | HookCase | TrainStepCase,
+    case: OpCase | GradSkipCase | RetractionCase | HookCase | TrainStepCase,
     calls: dict,
     device: torch.device,
     **timing,
@@ -110,6 +113,33 @@ def run_case(case: OpCase, device: torch.device, repeats: int) -> dict:
         row[f"speedup_vs_{baseline}"] = timings[baseline].median / timings["fused"].median
     row["fused_over_copy"] = timings["fused"].median / timings[ROOFLINE].median
     return row
+
+
+def run_grad_skip_case(case: GradSkipCase, device: torch.device, repeats: int) -> dict:
+    """Time forward+backward with every input needing a gradient against a frozen h and frozen
+    parameters; ``<provider>_speedup`` = all's median ÷ the provider's."""
+    calls = {p: grad_skip_call(case, p, device) for p in GRAD_SKIP_PROVIDERS}
+    row, timings = measure(case, calls, device, repeats=repeats)
+    for provider in list(GRAD_SKIP_PROVIDERS)[1:]:
+        row[f"{provider}_speedup"] = timings["all"].median / timings[provider].median
+    return row
+
+
+def format_grad_skip_table(rows: list[dict]) -> str:
+    head = (
+        "| N | d | r | dtype | all grads ms | frozen h ms (speedup) | frozen params ms (speedup) "
+        "| peak MiB (all / frozen h / frozen params) |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    for row in rows:
+        ms = {p: row[p]["median"] * 1e3 for p in GRAD_SKIP_PROVIDERS}
+        lines.append(
+            f"| {row['N']} | {row['d']} | {row['r']} | {row['dtype']} | {ms['all']:.2f} | "
+            f"{ms['frozen_h']:.2f} ({row['frozen_h_speedup']:.2f}x) | "
+            f"{ms['frozen_params']:.2f} ({row['frozen_params_speedup']:.2f}x) | "
+            f"{format_mib(row, tuple(GRAD_SKIP_PROVIDERS))} |"
+        )
+    return "\n".join(lines)
 
 
 def run_retraction_case(case: RetractionCase, device: torch.device, repeats: int) -> dict:
@@ -261,6 +291,15 @@ def main(argv: list[str] | None = None) -> int:
             for p in baselines(r["peak_bytes"])
         )
         print(f"  {case.name}: fused {r['fused']['median'] * 1e3:.3f} ms, {compared}", flush=True)
+    grad_skip_rows = []
+    for case in selected([GradSkipCase()]):
+        grad_skip_rows.append(run_grad_skip_case(case, device, repeats))
+        r = grad_skip_rows[-1]
+        print(
+            f"  {case.name}: frozen h {r['frozen_h_speedup']:.2f}x, "
+            f"frozen params {r['frozen_params_speedup']:.2f}x",
+            flush=True,
+        )
     retraction_rows = []
     for case in selected(retraction_cases(args.quick)):
         retraction_rows.append(run_retraction_case(case, device, max(5, repeats // 2)))
@@ -278,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             train_row = run_train_step(case, device, repeats)
         except ImportError:  # transformers is optional
             print("  train step: skipped (transformers not installed)")
-    tables = [format_table(rows), format_retraction_table(retraction_rows)]
+    tables = [format_table(rows), format_grad_skip_table(grad_skip_rows)]
+    tables += [format_retraction_table(retraction_rows)]
     tables += [format_hook_table(hook_rows)] + ([format_train_step(train_row)] if train_row else [])
     table = "\n\n".join(tables)
     print(table)
@@ -286,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "machine": info,
         "ops": rows,
+        "grad_skip": grad_skip_rows,
         "retraction": retraction_rows,
         "hook": hook_rows,
         "train_step": train_row,

@@ -205,6 +205,48 @@ def provider_call(case: OpCase, provider: str, inputs: list[OpInputs]) -> Callab
 
 
 @dataclass(frozen=True)
+class GradSkipCase:
+    """Fused LoReFT forward+backward on h (N, d) where not every input needs a gradient."""
+
+    N: int = 8192
+    d: int = 2048
+    r: int = 4
+    dtype: str = "float32"
+
+    @property
+    def name(self) -> str:
+        return f"grad-skip-N{self.N}-d{self.d}-r{self.r}-{self.dtype}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+#: What needs a gradient in each GradSkipCase provider: (h, the parameters R, W, b).
+GRAD_SKIP_PROVIDERS = {
+    "all": (True, True),
+    "frozen_h": (False, True),  # the lowest intervened block: h comes from frozen embeddings
+    "frozen_params": (True, False),  # an adapter used as a fixed edit inside a larger graph
+}
+
+
+def grad_skip_call(case: GradSkipCase, provider: str, device: torch.device):
+    """A zero-argument callable: fused LoReFT forward, then backward into the inputs that need a
+    gradient in ``provider`` (GRAD_SKIP_PROVIDERS); the op skips the others' work."""
+    h_needs, params_need = GRAD_SKIP_PROVIDERS[provider]
+    op_case = OpCase(case.N, case.d, case.r, case.dtype, "forward_backward")
+    (x,) = make_inputs(op_case, device)
+    x.h.requires_grad_(h_needs)
+    for p in (x.R, x.W, x.b):
+        p.requires_grad_(params_need)
+    wanted = [t for t in (x.h, x.R, x.W, x.b) if t.requires_grad]
+
+    def run():
+        return torch.autograd.grad(loreft(x.h, x.R, x.W, x.b), wanted, x.grad_out)
+
+    return run
+
+
+@dataclass(frozen=True)
 class RetractionCase:
     """Keeping k (r, d) matrices orthonormal for one optimizer step."""
 
