@@ -49,7 +49,7 @@ generated = reft_model.generate(
 print("generated:", generated[:, -5:].tolist())
 
 with tempfile.TemporaryDirectory() as directory:
-    reft_model.save_pretrained(directory)  # config.json + interventions.safetensors
+    reft_model.save_pretrained(directory)  # reft_config.json + reft_model.safetensors
     base = reft_model.unload()  # hooks removed: the untouched base model
     loaded = reft_ext.ReftModel.from_pretrained(base, directory).eval()
     again = loaded.generate(

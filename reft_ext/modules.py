@@ -20,22 +20,30 @@ R free. Dropout, when set, applies to the edit only (not to h) and is off in ``e
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .functional import loreft, lowrank_edit
+from .dtypes import accumulation_dtype
+from .functional import direft, loreft, lowrank_edit
 from .retraction import StiefelParameter
 
 _ORTHOGONALITY = ("retraction", "parametrization", None)
 
 
 class _Intervention(nn.Module):
-    """Shared parameters and plumbing: R (rank, embed_dim), optional W, b (rank,)."""
+    """Shared parameters and plumbing: R (rank, embed_dim), optional W, b (rank,).
 
-    has_source_weight = True
-    orthonormal_by_default = True
+    Each subclass declares its registry entry: ``name`` (ReftConfig's ``intervention``),
+    ``orthonormal`` (whether R is kept orthonormal, i.e. takes ``orthogonality=``),
+    ``has_source_weight`` (whether it has W), and :meth:`factors`, its (P, Q, b) in the primitive
+    h + (h Pᵀ + b) Q.
+    """
+
+    name: ClassVar[str]
+    orthonormal: ClassVar[bool] = True
+    has_source_weight: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -85,16 +93,28 @@ class _Intervention(nn.Module):
                 nn.init.kaiming_uniform_(self.W, a=math.sqrt(5))
             nn.init.uniform_(self.b, -bound, bound)
 
-    def edit(self, h: torch.Tensor) -> torch.Tensor:
-        """h + edit(h) through the fused op (subclasses pick P and Q)."""
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P (rank, embed_dim), Q (rank, embed_dim), b (rank,)) of the primitive, in ``dtype``."""
         raise NotImplementedError
+
+    def edit(self, h: torch.Tensor) -> torch.Tensor:
+        """h + edit(h) through the fused op; h (..., embed_dim), result h's shape and dtype."""
+        return lowrank_edit(h, *self.factors(accumulation_dtype(h.dtype)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Edited hidden states, h's shape and dtype; h is (..., embed_dim)."""
-        out = self.edit(h)
         if self.training and self.dropout > 0:
-            out = h + F.dropout(out - h, self.dropout, training=True)
-        return out
+            return self._dropout_edit(h)
+        return self.edit(h)
+
+    def _dropout_edit(self, h: torch.Tensor) -> torch.Tensor:
+        """h + dropout((h Pᵀ + b) Q): the edit itself is computed (in the accumulation dtype) and
+        dropped, not recovered as out − h (an extra pass that in bfloat16 carries h's rounding)."""
+        acc = accumulation_dtype(h.dtype)
+        P, Q, b = self.factors(acc)
+        edit = nn.functional.linear(h.to(acc), P, b) @ Q
+        dropped = nn.functional.dropout(edit, self.dropout, training=True)
+        return (h.to(acc) + dropped).to(h.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -103,46 +123,75 @@ class _Intervention(nn.Module):
         )
 
 
+class _FreeR(_Intervention):
+    """An intervention whose R is not kept orthonormal (no ``orthogonality`` argument)."""
+
+    orthonormal = False
+
+    def __init__(self, embed_dim, rank, dropout=0.0, dtype=None, device=None):
+        super().__init__(embed_dim, rank, dropout, dtype, device, orthogonality=None)
+
+
 class LoReFT(_Intervention):
     """LoReFT: h + Rᵀ(W h + b − R h) with orthonormal rows of R (rank, embed_dim)."""
 
+    name = "loreft"
+
+    def factors(self, dtype):
+        return self.W.to(dtype) - self.R.to(dtype), self.R.to(dtype), self.b.to(dtype)
+
     def edit(self, h):
         return loreft(h, self.R, self.W, self.b)
 
 
-class NoReFT(_Intervention):
+class NoReFT(_FreeR):
     """NoReFT: LoReFT's formula with R left free (no orthogonality)."""
 
-    def __init__(self, embed_dim, rank, dropout=0.0, dtype=None, device=None):
-        super().__init__(embed_dim, rank, dropout, dtype, device, orthogonality=None)
-
-    def edit(self, h):
-        return loreft(h, self.R, self.W, self.b)
+    name = "noreft"
+    factors = LoReFT.factors
+    edit = LoReFT.edit
 
 
-class DiReFT(_Intervention):
+class DiReFT(_FreeR):
     """DiReFT: h + (W h + b) R, R free (no orthogonality, no −R h term)."""
 
-    def __init__(self, embed_dim, rank, dropout=0.0, dtype=None, device=None):
-        super().__init__(embed_dim, rank, dropout, dtype, device, orthogonality=None)
+    name = "direft"
+
+    def factors(self, dtype):
+        return self.W.to(dtype), self.R.to(dtype), self.b.to(dtype)
 
     def edit(self, h):
-        return lowrank_edit(h, self.W, self.R, self.b)
+        return direft(h, self.R, self.W, self.b)
 
 
 class ConsReFT(_Intervention):
     """ConsReFT: h + Rᵀ(b − R h), a constant source b in the orthonormal subspace R."""
 
+    name = "consreft"
     has_source_weight = False
 
-    def edit(self, h):
-        return lowrank_edit(h, -self.R, self.R, self.b)
+    def factors(self, dtype):
+        return -self.R.to(dtype), self.R.to(dtype), self.b.to(dtype)
 
 
 class LoBiReFT(_Intervention):
     """LoBiReFT: h + Rᵀ b, a learned bias in the orthonormal subspace R."""
 
+    name = "lobireft"
     has_source_weight = False
 
+    def factors(self, dtype):
+        return torch.zeros_like(self.R, dtype=dtype), self.R.to(dtype), self.b.to(dtype)
+
     def edit(self, h):
-        return lowrank_edit(h, torch.zeros_like(self.R), self.R, self.b)
+        # The edit does not depend on h: one (embed_dim,) row added in the accumulation dtype,
+        # rounded once, with no projection of h against a zero P.
+        acc = accumulation_dtype(h.dtype)
+        return (h.to(acc) + self.b.to(acc) @ self.R.to(acc)).to(h.dtype)
+
+
+#: The intervention registry: ReftConfig's ``intervention`` name -> class. ReftConfig's accepted
+#: names, ReftModel's modules and the pyreft importer all derive from it.
+INTERVENTIONS: dict[str, type[_Intervention]] = {
+    cls.name: cls for cls in (LoReFT, NoReFT, DiReFT, ConsReFT, LoBiReFT)
+}

@@ -128,7 +128,7 @@ def test_loreft_trains_on_architecture(name):
     ]
     batch = fixed_batch(head)
     reft_model.train()
-    with torch.no_grad(), reft_model.disable_interventions():
+    with torch.no_grad(), reft_model.disable_adapter():
         base_loss = reft_model(**batch).loss
     optimizer = torch.optim.AdamW(reft_model.interventions.parameters(), lr=1e-2)
     reft_model.keep_orthonormal(optimizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import re
 
 import pytest
@@ -221,7 +222,7 @@ def test_left_and_right_padding_agree_with_unpadded_runs():
             ids = results["right"][1][i : i + 1, :n]
             alone = reft_model(input_ids=ids).logits[0]
             torch.testing.assert_close(right, alone, rtol=1e-5, atol=1e-5)
-            with reft_model.disable_interventions():
+            with reft_model.disable_adapter():
                 base = reft_model(input_ids=ids).logits[0]
             assert not torch.allclose(alone[-1], base[-1], atol=1e-4)
 
@@ -315,7 +316,7 @@ def test_generate_matches_reference_greedy_decoding():
     with torch.no_grad():
         want_seq, want_logits = reference_greedy(reft_model, ids, mask, steps)
         all_seq, all_logits = reference_greedy(reft_model, ids, mask, steps, decode_all=True)
-        with reft_model.disable_interventions():
+        with reft_model.disable_adapter():
             _, base_logits = generate(reft_model, ids, mask, steps)
     seq, logits = generate(reft_model, ids, mask, steps)
     assert torch.equal(seq, want_seq)
@@ -393,9 +394,10 @@ def test_save_and_load_reproduce_outputs(tmp_path):
     with torch.no_grad():
         want = reft_model(input_ids=ids, attention_mask=mask).logits
     reft_model.save_pretrained(tmp_path / "reft")
+    # Never the base model's file names: a base model saved into the same folder stays intact.
     assert sorted(p.name for p in (tmp_path / "reft").iterdir()) == [
-        "config.json",
-        "interventions.safetensors",
+        "reft_config.json",
+        "reft_model.safetensors",
     ]
     loaded = ReftModel.from_pretrained(fresh, tmp_path / "reft", device="cpu")
     assert loaded.reft_config == reft_model.reft_config
@@ -432,13 +434,190 @@ def test_from_pretrained_keeps_bfloat16_interventions(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "other", [dict(hidden=48), dict(layers=3)], ids=["hidden_size", "num_layers"]
+    "other, message",
+    [
+        (dict(hidden=48), "reft_config.json: hidden_size is 32, this model's is 48"),
+        (dict(layers=3), "reft_config.json: num_blocks is 2, this model's is 3"),
+    ],
+    ids=["hidden_size", "num_layers"],
 )
-def test_from_pretrained_rejects_a_different_base_model(tmp_path, other):
+def test_from_pretrained_rejects_a_different_base_model(tmp_path, other, message):
     reft_model = get_reft_model(tiny_llama(), ReftConfig(layers=[0], rank=2))
     reft_model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"saved for a model with hidden size 32 and 2 blocks"):
+    with pytest.raises(ValueError, match=re.escape(message)):
         ReftModel.from_pretrained(tiny_llama(**other), tmp_path)
+
+
+def test_adapter_and_base_model_share_a_folder(tmp_path):
+    """save_pretrained next to the base model's own save_pretrained overwrites neither: both load
+    back from the one folder with the same outputs."""
+    model = tiny_llama()
+    reft_model = get_reft_model(model, ReftConfig(layers=[1], rank=2))
+    perturb(reft_model)
+    ids, mask = padded_batch([5, 3], 5)
+    with torch.no_grad():
+        want = reft_model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+    reft_model.save_pretrained(tmp_path)
+    base = type(model).from_pretrained(tmp_path)
+    loaded = ReftModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, want)
+
+
+def _damage(directory, edit_state=None, edit_meta=None, remove=None):
+    from safetensors.torch import load_file, save_file
+
+    if remove:
+        (directory / remove).unlink()
+        return
+    if edit_meta:
+        meta = json.loads((directory / "reft_config.json").read_text())
+        edit_meta(meta)
+        (directory / "reft_config.json").write_text(json.dumps(meta))
+    if edit_state:
+        state = load_file(str(directory / "reft_model.safetensors"))
+        edit_state(state)
+        save_file(state, str(directory / "reft_model.safetensors"))
+
+
+DAMAGED = {
+    "no-config": (dict(remove="reft_config.json"), FileNotFoundError, "reft_config.json not found"),
+    "no-weights": (
+        dict(remove="reft_model.safetensors"),
+        FileNotFoundError,
+        "reft_model.safetensors not found",
+    ),
+    "missing-tensor": (
+        dict(edit_state=lambda s: s.pop("layer0_last.b")),
+        ValueError,
+        "reft_model.safetensors: tensors do not match reft_config.json's config: missing "
+        "['layer0_last.b'], unknown []",
+    ),
+    "unknown-tensor": (
+        dict(edit_state=lambda s: s.update({"layer5_first.b": torch.zeros(2)})),
+        ValueError,
+        "missing [], unknown ['layer5_first.b']",
+    ),
+    "wrong-shape": (
+        dict(edit_state=lambda s: s.update({"layer0_first.W": torch.zeros(3, 32)})),
+        ValueError,
+        "reft_model.safetensors: tensor 'layer0_first.W' has shape (3, 32), the config needs "
+        "(2, 32)",
+    ),
+    "missing-key": (
+        dict(edit_meta=lambda m: m.pop("num_blocks")),
+        ValueError,
+        "reft_config.json: key 'num_blocks' is missing",
+    ),
+    "bad-config": (
+        dict(edit_meta=lambda m: m["reft_config"].update(rank=0)),
+        ValueError,
+        "reft_config.json: key 'reft_config': rank must be an int >= 1",
+    ),
+    "unknown-config-field": (
+        dict(edit_meta=lambda m: m["reft_config"].update(alpha=1)),
+        ValueError,
+        "reft_config.json: key 'reft_config': ReftConfig: unknown field(s) ['alpha']",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_from_pretrained_names_the_file_and_key_of_a_damaged_folder(tmp_path, case):
+    damage, error, message = DAMAGED[case]
+    get_reft_model(tiny_llama(), ReftConfig(layers=[0], rank=2)).save_pretrained(tmp_path)
+    _damage(tmp_path, **damage)
+    with pytest.raises(error, match=re.escape(message)):
+        ReftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_config_fields_carry_help_text():
+    from dataclasses import fields
+
+    helps = {f.name: f.metadata.get("help", "") for f in fields(ReftConfig)}
+    assert all(len(text) > 10 for text in helps.values()), helps
+    assert all(name in helps["intervention"] for name in reft_ext.modules.INTERVENTIONS)
+
+
+def test_threads_sharing_a_reft_model_match_sequential_calls():
+    """Two threads on one ReftModel (a server's workers), different inputs and positions, 50 calls
+    each: every result equals the same call made alone (per-call state belongs to the call)."""
+    import threading
+
+    reft_model = get_reft_model(tiny_llama(), ReftConfig(layers=[0, 1], rank=2)).eval()
+    perturb(reft_model)
+    ids_a, mask_a = padded_batch([6, 4], 6)
+    ids_b, mask_b = padded_batch([3, 5, 2], 5)
+    calls = {
+        "a": dict(input_ids=ids_a, attention_mask=mask_a),
+        "b": dict(
+            input_ids=ids_b,
+            attention_mask=mask_b,
+            intervention_locations=torch.tensor([[[0], [1], [0]], [[2], [4], [1]]]),
+        ),
+    }
+    with torch.no_grad():
+        want = {k: reft_model(**kwargs).logits for k, kwargs in calls.items()}
+        with reft_model.disable_adapter():
+            base = {k: reft_model(**kwargs).logits for k, kwargs in calls.items()}
+    assert not torch.equal(want["a"], base["a"])
+    results = {"a": [], "b": []}
+    start = threading.Barrier(2)
+
+    def worker(name):
+        start.wait()
+        for i in range(50):
+            with torch.no_grad():
+                # b disables its adapter on odd calls: that must not leak into a's calls
+                if name == "b" and i % 2:
+                    with reft_model.disable_adapter():
+                        results[name].append(("base", reft_model(**calls[name]).logits))
+                else:
+                    results[name].append(("edited", reft_model(**calls[name]).logits))
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    for name, got in results.items():
+        assert len(got) == 50
+        for kind, logits in got:
+            assert torch.equal(logits, (want if kind == "edited" else base)[name]), (name, kind)
+
+
+def test_hook_in_a_foreign_thread_during_a_call_raises():
+    """A block run in a thread the call did not start (what torch.nn.DataParallel does) would
+    silently skip the edits; it raises instead."""
+    import threading
+
+    reft_model = get_reft_model(tiny_llama(), ReftConfig(layers=[0], rank=2))
+    ids, mask = padded_batch([4, 4], 4)
+    errors = []
+    block = reft_model.model.model.layers[0]
+
+    def foreign(_module, _args, _output):
+        def run():
+            try:
+                with torch.no_grad():
+                    reft_model.model(input_ids=ids, attention_mask=mask)
+            except RuntimeError as error:
+                errors.append(str(error))
+
+        if not errors:
+            t = threading.Thread(target=run)
+            t.start()
+            t.join(timeout=60)
+
+    handle = block.register_forward_hook(foreign)
+    try:
+        with torch.no_grad():
+            reft_model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    assert errors and "DataParallel" in errors[0]
 
 
 # ---- 8-11: hooks, modes, gradients, switches ---------------------------------------------------
@@ -502,7 +681,7 @@ def test_only_intervention_parameters_get_gradients():
     assert {id(p) for p in reft_model.parameters() if p.requires_grad} == intervention_ids
 
 
-def test_disable_interventions_and_trainable_parameter_counts(capsys):
+def test_disable_adapter_and_trainable_parameter_counts(capsys):
     model = tiny_llama()
     base_total = sum(p.numel() for p in model.parameters())
     ids, mask = padded_batch([6, 4], 6)
@@ -511,12 +690,12 @@ def test_disable_interventions_and_trainable_parameter_counts(capsys):
     rank = 3
     reft_model = get_reft_model(model, ReftConfig(layers=[0, 1], rank=rank))
     with torch.no_grad():
-        with reft_model.disable_interventions():
+        with reft_model.disable_adapter():
             assert torch.equal(reft_model(input_ids=ids, attention_mask=mask).logits, base)
         assert not torch.allclose(reft_model(input_ids=ids, attention_mask=mask).logits, base)
     # 2 layers x (first, last), each R, W (rank, d) and b (rank,).
     trainable = 2 * 2 * (2 * rank * HIDDEN + rank)
-    assert reft_model.trainable_parameters() == (trainable, base_total + trainable)
+    assert reft_model.get_nb_trainable_parameters() == (trainable, base_total + trainable)
     reft_model.print_trainable_parameters()
     numbers = re.findall(r"\d[\d,]*(?:\.\d+)?", capsys.readouterr().out)
     assert int(numbers[0].replace(",", "")) == trainable
@@ -539,7 +718,7 @@ def test_explicit_locations_formats_and_validation():
         only_0 = shared(input_ids=ids, attention_mask=mask, intervention_locations={0: loc}).logits
         none = torch.full((2, 1), -1)
         untouched = shared(input_ids=ids, attention_mask=mask, intervention_locations=none).logits
-        with shared.disable_interventions():
+        with shared.disable_adapter():
             base = shared(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(explicit, per_layer)
     assert not torch.allclose(explicit, default)  # row 1 differs (f1+l1 = tokens 0 and 4)
@@ -574,7 +753,6 @@ def test_config_json_round_trip(tmp_path):
         dropout=0.1,
         dtype="bfloat16",
         orthogonality=None,
-        extra={"note": "x"},
     )
     assert ReftConfig.from_json(config.to_json()) == config
     config.save(tmp_path / "c.json")
@@ -699,7 +877,7 @@ def test_torch_compile_matches_eager():
         want = reft_model(input_ids=ids, attention_mask=mask).logits
         got = compiled(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with reft_model.disable_interventions(), torch.no_grad():
+    with reft_model.disable_adapter(), torch.no_grad():
         base = reft_model(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(got, base, atol=1e-4)
     # Gradients through the compiled wrapper match eager ones too.

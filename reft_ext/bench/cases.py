@@ -401,7 +401,7 @@ def train_step_calls(case: TrainStepCase, device: torch.device) -> dict:
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..hf import ReftConfig, get_reft_model
+    from ..hf import ReftConfig, get_reft_model, intervention_key
     from ..hf.blocks import block_hidden, find_blocks
 
     config = LlamaConfig(
@@ -441,9 +441,9 @@ def train_step_calls(case: TrainStepCase, device: torch.device) -> dict:
     naive_handles = []
 
     def naive_run():
-        with reft.disable_interventions():
+        with reft.disable_adapter():
             for layer in (1, 2):
-                hook = clone_hook(reft.interventions[f"layer{layer}_first"])
+                hook = clone_hook(reft.interventions[intervention_key(layer, "first")])
                 naive_handles.append(blocks[layer].register_forward_hook(hook))
             try:
                 return model(inputs_embeds=embeds, labels=labels)
@@ -452,7 +452,7 @@ def train_step_calls(case: TrainStepCase, device: torch.device) -> dict:
                     naive_handles.pop().remove()
 
     def frozen_run():
-        with reft.disable_interventions():
+        with reft.disable_adapter():
             return model(inputs_embeds=embeds, labels=labels)
 
     return {

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-INTERVENTIONS = ("loreft", "noreft", "direft", "consreft", "lobireft")
+from ..modules import INTERVENTIONS
+
 COMPONENTS = ("block_output",)
 MAX_POSITIONS = 2**20  # first/last token counts a positions string may ask for (2^20 tokens)
 _POSITIONS = re.compile(r"f(\d+)\+l(\d+)|f(\d+)|l(\d+)")
+
+
+def intervention_key(layer: int, group: str) -> str:
+    """The name of the intervention at block ``layer`` for position group ``group`` (``"first"``,
+    ``"last"``, ``"shared"`` or ``"all"``): its key in ``ReftModel.interventions`` and the prefix of
+    its tensors in a saved adapter, e.g. ``intervention_key(3, "last") == "layer3_last"``."""
+    return f"layer{layer}_{group}"
 
 
 @dataclass(frozen=True)
@@ -55,31 +63,44 @@ class Positions:
 class ReftConfig:
     """Where and which ReFT interventions to attach to a Hugging Face model.
 
-    Args:
-        layers: block indices, or ``"all"``.
-        rank: r of every intervention.
-        intervention: ``"loreft"`` (default), ``"noreft"``, ``"direft"``, ``"consreft"``,
-            ``"lobireft"`` (reft_ext.LoReFT etc.).
-        positions: ``"f<p>+l<s>"`` (first p and last s real tokens of each sequence) or ``"all"``;
-            calls may override it with explicit ``intervention_locations``.
-        component: where to edit; ``"block_output"`` (the hidden state a block returns).
-        share_weights: one intervention per layer for the first and last positions (else one each).
-        dropout: dropout on the edit during training.
-        dtype: parameter dtype name (``"float32"``, ``"bfloat16"``, ...); None: float32.
-        orthogonality: ``"retraction"`` (default), ``"parametrization"`` or None (LoReFT,
-            ConsReFT, LoBiReFT).
+    Every field's help text is in its ``metadata["help"]`` (``dataclasses.fields``), as in PEFT.
     """
 
-    layers: list[int] | str
-    rank: int = 4
-    intervention: str = "loreft"
-    positions: str = "f1+l1"
-    component: str = "block_output"
-    share_weights: bool = False
-    dropout: float = 0.0
-    dtype: str | None = None
-    orthogonality: str | None = "retraction"
-    extra: dict = field(default_factory=dict)
+    layers: list[int] | str = field(metadata={"help": "block indices, or 'all'"})
+    rank: int = field(default=4, metadata={"help": "r of every intervention"})
+    intervention: str = field(
+        default="loreft",
+        metadata={"help": "a name of reft_ext.modules.INTERVENTIONS: " + ", ".join(INTERVENTIONS)},
+    )
+    positions: str = field(
+        default="f1+l1",
+        metadata={
+            "help": "'f<p>+l<s>' (first p and last s real tokens of each sequence), 'f<p>', "
+            "'l<s>' or 'all'; calls may override it with explicit intervention_locations"
+        },
+    )
+    component: str = field(
+        default="block_output",
+        metadata={"help": "where to edit: 'block_output' (the hidden state a block returns)"},
+    )
+    share_weights: bool = field(
+        default=False,
+        metadata={"help": "one intervention per layer for the first and last positions"},
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the edit (not on h) in training, in [0, 1)"}
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "parameter dtype name ('float32', 'bfloat16', ...); None: float32"},
+    )
+    orthogonality: str | None = field(
+        default="retraction",
+        metadata={
+            "help": "'retraction' (R retracted after each optimizer step), 'parametrization' "
+            "(torch's, as pyreft) or None; only for interventions whose R is orthonormal"
+        },
+    )
 
     def __post_init__(self):
         if self.layers != "all" and not (
@@ -105,7 +126,7 @@ class ReftConfig:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.intervention not in INTERVENTIONS:
             raise ValueError(
-                f"intervention must be one of {INTERVENTIONS}, got {self.intervention!r}"
+                f"intervention must be one of {tuple(INTERVENTIONS)}, got {self.intervention!r}"
             )
         if self.component not in COMPONENTS:
             raise ValueError(f"component must be one of {COMPONENTS}, got {self.component!r}")
@@ -122,6 +143,10 @@ class ReftConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ReftConfig:
+        """The config of ``values`` (as :meth:`to_dict` writes); unknown keys raise ValueError."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"ReftConfig: unknown field(s) {unknown}")
         return cls(**values)
 
     def to_json(self) -> str:

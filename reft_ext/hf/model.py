@@ -3,33 +3,49 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import modules
+from ..modules import INTERVENTIONS
 from ..retraction import keep_orthonormal
 from .blocks import block_hidden, find_blocks, hidden_size
-from .config import Positions, ReftConfig
+from .config import Positions, ReftConfig, intervention_key
 from .edit import edit_rows_
 from .locations import default_locations, explicit_locations
 
-_MODULES = {
-    "loreft": modules.LoReFT,
-    "noreft": modules.NoReFT,
-    "direft": modules.DiReFT,
-    "consreft": modules.ConsReFT,
-    "lobireft": modules.LoBiReFT,
-}
-_ORTHOGONAL = {"loreft", "consreft", "lobireft"}
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "interventions.safetensors"
+#: File names of a saved adapter, distinct from the base model's (``config.json``,
+#: ``model.safetensors``) so that both can live in one folder.
+CONFIG_NAME = "reft_config.json"
+WEIGHTS_NAME = "reft_model.safetensors"
 
 
-def _key(layer: int, group: str) -> str:
-    return f"layer{layer}_{group}"
+@dataclass
+class _Call:
+    """Per-call state of one ``forward`` or ``generate``: it belongs to the call, not the model.
+
+    locations: {layer: {group: (B, P)}}; decode: the same for the decode passes of
+    ``generate(intervene_on="all")``; passes counts forward calls of the wrapped model.
+    """
+
+    locations: dict
+    decode: dict | None = None
+    generating: bool = False
+    passes: int = 0
+
+
+# The calls in flight in this context ({id(ReftModel): _Call}) and the ReftModels whose adapters
+# are disabled in it. Context variables, so that threads (a server's workers) sharing one ReftModel
+# each see their own call.
+_CALLS: contextvars.ContextVar[dict[int, _Call]] = contextvars.ContextVar("reft_ext_calls")
+_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "reft_ext_disabled", default=frozenset()
+)
 
 
 class ReftModel(nn.Module):
@@ -38,6 +54,7 @@ class ReftModel(nn.Module):
     Build it with :func:`get_reft_model`. ``forward`` takes every argument of the wrapped model plus
     ``intervention_locations``; each hooked block's output is edited in place at the selected rows
     only (a gather of P rows, the fused op, a scatter back: O(P·d), no copy of the hidden states).
+    Threads may share one ReftModel: each call's locations belong to that call.
     """
 
     def __init__(self, model: nn.Module, config: ReftConfig):
@@ -65,66 +82,93 @@ class ReftModel(nn.Module):
                 f"{config.dtype!r}: the fused ops take parameters in the hidden states' dtype or "
                 "float32"
             )
-        cls = _MODULES[config.intervention]
+        cls = INTERVENTIONS[config.intervention]
         kwargs = {"dropout": config.dropout, "dtype": config.torch_dtype, "device": device}
-        if config.intervention in _ORTHOGONAL:
+        if cls.orthonormal:
             kwargs["orthogonality"] = config.orthogonality
         self.interventions = nn.ModuleDict(
             {
-                _key(layer, group): cls(self._hidden_size, config.rank, **kwargs)
+                intervention_key(layer, group): cls(self._hidden_size, config.rank, **kwargs)
                 for layer in layers
                 for group in self._groups
             }
         )
-        # locations: {layer: {group: (B, P)}} for the current call; decode: the same for decode
-        # passes of generate(intervene_on="all"); pass counts forward calls of the wrapped model.
-        self._state: dict = {
-            "enabled": True,
-            "locations": None,
-            "decode": None,
-            "generating": False,
-            "pass": 0,
-        }
+        self._in_flight = 0  # calls running now, in any thread
+        self._in_flight_lock = threading.Lock()
         self._handles = [
             blocks[layer].register_forward_hook(self._make_hook(layer)) for layer in layers
         ]
         self._handles.append(model.register_forward_pre_hook(self._count_pass))
 
+    # ---- per-call state ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _calling(self, call: _Call):
+        """Make ``call`` this context's call of this model while the block runs."""
+        token = _CALLS.set({**_CALLS.get({}), id(self): call})
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            yield call
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+            _CALLS.reset(token)
+
+    def _current_call(self) -> _Call | None:
+        """This context's call of this model; None when the adapter is disabled or no call runs.
+
+        A hook that finds no call of its own while another thread's call is in flight ran in a
+        thread that the call did not start from; editing nothing there would be silently wrong.
+        """
+        if id(self) in _DISABLED.get():
+            return None
+        call = _CALLS.get({}).get(id(self))
+        if call is None and self._in_flight:
+            raise RuntimeError(
+                "a ReftModel hook ran outside the ReftModel call of its thread while another "
+                "call is in flight: torch.nn.DataParallel runs replicas in threads of their own "
+                "(use DistributedDataParallel), and calling the base model directly while the "
+                "wrapper is in use needs `with reft_model.disable_adapter():`"
+            )
+        return call
+
     # ---- hooks ---------------------------------------------------------------------------
     def _count_pass(self, _module, _args):
-        self._state["pass"] += 1
+        call = _CALLS.get({}).get(id(self))
+        if call is not None:
+            call.passes += 1
 
     def _make_hook(self, layer: int):
         def hook(_block, _args, output):
-            locations = self._locations_for(layer)
+            call = self._current_call()
+            locations = self._locations_for(call, layer) if call is not None else None
             if locations is None:
                 return None
             hidden = block_hidden(output)
             for group, index in locations.items():
                 if index.shape[0] != hidden.shape[0]:
-                    index = self._expand_batch(index, hidden.shape[0])
-                edit_rows_(hidden, index, self.interventions[_key(layer, group)])
+                    index = self._expand_batch(call, index, hidden.shape[0])
+                edit_rows_(hidden, index, self.interventions[intervention_key(layer, group)])
             return None  # the output was edited in place
 
         return hook
 
-    def _expand_batch(self, index: torch.Tensor, batch: int) -> torch.Tensor:
+    @staticmethod
+    def _expand_batch(call: _Call, index: torch.Tensor, batch: int) -> torch.Tensor:
         """generate() repeats each prompt in a row (repeat_interleave: num_beams copies, or
         num_return_sequences when sampling): give every copy its prompt's locations."""
-        if not self._state["generating"] or batch % index.shape[0]:
+        if not call.generating or batch % index.shape[0]:
             raise ValueError(
                 f"intervention locations are for a batch of {index.shape[0]}, the block's hidden "
                 f"states have {batch} rows"
             )
         return index.repeat_interleave(batch // index.shape[0], dim=0)
 
-    def _locations_for(self, layer: int) -> dict[str, torch.Tensor] | None:
-        state = self._state
-        if not state["enabled"] or state["locations"] is None:
-            return None
-        if state["generating"] and state["pass"] > 1:
-            return state["decode"].get(layer) if state["decode"] else None
-        return state["locations"].get(layer)
+    @staticmethod
+    def _locations_for(call: _Call, layer: int) -> dict[str, torch.Tensor] | None:
+        if call.generating and call.passes > 1:
+            return call.decode.get(layer) if call.decode else None
+        return call.locations.get(layer)
 
     # ---- forward and generation ----------------------------------------------------------
     def _compute_locations(self, kwargs: dict, intervention_locations) -> dict:
@@ -162,11 +206,8 @@ class ReftModel(nn.Module):
             raise TypeError("ReftModel.forward takes the model's inputs by keyword (input_ids=...)")
         self._check_not_unloaded()
         locations = self._compute_locations(kwargs, intervention_locations)
-        self._state.update(locations=locations, generating=False)
-        try:
+        with self._calling(_Call(locations)):
             return self.model(**kwargs)
-        finally:
-            self._state["locations"] = None
 
     @torch.no_grad()
     def generate(self, intervene_on: str = "prompt", intervention_locations=None, **kwargs):
@@ -194,22 +235,19 @@ class ReftModel(nn.Module):
             # With a KV cache each decode pass sees only the new token, at index 0.
             index = torch.zeros(prompt.shape[0], 1, dtype=torch.long, device=prompt.device)
             decode = {layer: {group: index} for layer in self.layers}
-        self._state.update(locations=locations, decode=decode, generating=True, **{"pass": 0})
-        try:
+        with self._calling(_Call(locations, decode, generating=True)):
             return self.model.generate(**kwargs)
-        finally:
-            self._state.update(locations=None, decode=None, generating=False)
 
     # ---- management ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def disable_interventions(self):
-        """Context manager: run the plain base model (hooks stay, edits are skipped)."""
-        previous = self._state["enabled"]
-        self._state["enabled"] = False
+    def disable_adapter(self):
+        """Context manager (PEFT's verb): calls inside it run the plain base model (the hooks
+        stay, the edits are skipped). It holds for the current thread (context) only."""
+        token = _DISABLED.set(_DISABLED.get() | {id(self)})
         try:
             yield self
         finally:
-            self._state["enabled"] = previous
+            _DISABLED.reset(token)
 
     def unload(self) -> nn.Module:
         """Remove every hook this wrapper added and return the untouched base model.
@@ -229,15 +267,16 @@ class ReftModel(nn.Module):
                 "unload() returned, or attach interventions again with get_reft_model"
             )
 
-    def trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts."""
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, base model included (PEFT's verb)."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())
 
     def print_trainable_parameters(self) -> None:
-        trainable, total = self.trainable_parameters()
+        """Print the counts of :meth:`get_nb_trainable_parameters` as PEFT does."""
+        trainable, total = self.get_nb_trainable_parameters()
         print(
-            f"trainable intervention params: {trainable:,} || all params: {total:,} || "
+            f"trainable params: {trainable:,} || all params: {total:,} || "
             f"trainable%: {100 * trainable / total:.4f}"
         )
 
@@ -249,7 +288,9 @@ class ReftModel(nn.Module):
         return keep_orthonormal(optimizer, **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` (config, base model shape) and ``interventions.safetensors``."""
+        """Write the adapter into ``directory``: ``reft_config.json`` (the config and the base
+        model's hidden size and block count) and ``reft_model.safetensors`` (the interventions,
+        keys ``<intervention_key>.<parameter>``). Never touches a base model's ``config.json``."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -274,27 +315,62 @@ class ReftModel(nn.Module):
     def from_pretrained(
         cls, model: nn.Module, directory: str | Path, device: torch.device | str | None = None
     ) -> ReftModel:
-        """Attach interventions saved by :meth:`save_pretrained` to ``model``.
+        """Attach the adapter :meth:`save_pretrained` wrote in ``directory`` to ``model``.
 
         Args:
-            model: the same base model (hidden size and block count are checked).
+            model: the base model it was trained on (hidden size and block count are checked).
             directory: the saved folder.
             device: where to put the interventions; default: the model's device. Dtypes are kept.
+
+        Raises:
+            FileNotFoundError: a file of the adapter is missing (named).
+            ValueError: the folder does not fit ``model`` or is damaged; the message names the
+                file and the key (missing or unknown tensors, wrong shapes, hidden size, blocks).
         """
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        meta = json.loads((directory / CONFIG_NAME).read_text())
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} not found: from_pretrained reads the {CONFIG_NAME} and "
+                    f"{WEIGHTS_NAME} that ReftModel.save_pretrained writes"
+                )
+        meta = json.loads(config_path.read_text())
+        for key in ("reft_config", "hidden_size", "num_blocks"):
+            if key not in meta:
+                raise ValueError(f"{config_path}: key {key!r} is missing")
+        try:
+            config = ReftConfig.from_dict(meta["reft_config"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{config_path}: key 'reft_config': {error}") from error
         _, blocks = find_blocks(model)
-        if hidden_size(model) != meta["hidden_size"] or len(blocks) != meta["num_blocks"]:
-            raise ValueError(
-                f"interventions in {directory} were saved for a model with hidden size "
-                f"{meta['hidden_size']} and {meta['num_blocks']} blocks; this model has "
-                f"{hidden_size(model)} and {len(blocks)}"
-            )
-        reft_model = cls(model, ReftConfig.from_dict(meta["reft_config"]))
+        for key, saved, actual in (
+            ("hidden_size", meta["hidden_size"], hidden_size(model)),
+            ("num_blocks", meta["num_blocks"], len(blocks)),
+        ):
+            if saved != actual:
+                raise ValueError(
+                    f"{config_path}: {key} is {saved}, this model's is {actual} (the adapter was "
+                    "saved for another model)"
+                )
+        reft_model = cls(model, config)
         target = torch.device(device) if device is not None else next(model.parameters()).device
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(target))
+        state = load_file(str(weights_path), device=str(target))
+        expected = reft_model.interventions.state_dict()
+        missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unknown:
+            raise ValueError(
+                f"{weights_path}: tensors do not match {CONFIG_NAME}'s config: missing {missing}, "
+                f"unknown {unknown}"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(
+                    f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
+                    f"needs {tuple(expected[key].shape)}"
+                )
         reft_model.interventions.to(target)
         reft_model.interventions.load_state_dict(state)
         return reft_model

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..hf import ReftConfig, ReftModel, get_reft_model
+from ..hf import ReftConfig, ReftModel, get_reft_model, intervention_key
 from ..hf.blocks import hidden_size
 
 # pyvene's RepresentationConfig fields, in the order config.json lists them.
@@ -135,7 +135,7 @@ def load_pyreft_checkpoint(
                     f"checkpoint has {len(group_entries)} interventions at layer {layer}"
                 )
             for group, entry in zip(groups, group_entries, strict=True):
-                module = reft_model.interventions[f"layer{layer}_{group}"]
+                module = reft_model.interventions[intervention_key(layer, group)]
                 module.R.copy_(entry.state["rotate_layer"].T)
                 module.W.copy_(entry.state["weight"])
                 module.b.copy_(entry.state["bias"])
