@@ -25,7 +25,8 @@
 
 namespace reft_ext {
 
-// Accumulation type: float for float/half/bfloat16 rows, double for double rows.
+// Accumulation type: float for float/half/bfloat16 rows, double for double rows (the rule of
+// accumulation_dtype in csrc/dtypes.h, as a type for kernel code).
 template <typename scalar_t>
 struct AccType {
   using type = float;

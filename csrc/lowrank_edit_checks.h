@@ -5,20 +5,16 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-namespace reft_ext {
+#include "dtypes.h"
 
-inline c10::ScalarType accumulation_dtype(c10::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace reft_ext {
 
 // h: (N, d) contiguous float64/float32/bfloat16/float16 (also used for grad_out).
 inline void check_rows(const at::Tensor& h, const char* name) {
   TORCH_CHECK(h.dim() == 2, name, " must be 2-D (N, d), got ", h.dim(), "-D");
   TORCH_CHECK(h.is_contiguous(), name, " must be contiguous");
-  const auto dtype = h.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-      name, " must be float64, float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(is_supported_dtype(h.scalar_type()), name, " must be ", kSupportedDtypeNames,
+              ", got ", h.scalar_type());
 }
 
 // t: contiguous, of `sizes`, in h's accumulation dtype (float64 for float64 h, float32 otherwise),

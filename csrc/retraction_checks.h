@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include "dtypes.h"
 #include "retraction.h"
 
 namespace reft_ext {
@@ -15,10 +16,8 @@ inline retraction::Method check_retract_args(const at::Tensor& R, c10::string_vi
   TORCH_CHECK(R.dim() == 2 || R.dim() == 3, "R must have shape (r, d) or (k, r, d), got ",
               R.sizes());
   TORCH_CHECK(R.is_contiguous(), "R must be contiguous");
-  const auto dtype = R.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-      "R must be float64, float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(is_supported_dtype(R.scalar_type()), "R must be ", kSupportedDtypeNames, ", got ",
+              R.scalar_type());
   const int64_t r = R.size(-2), d = R.size(-1);
   TORCH_CHECK(r >= 1 && r <= d, "R must have 1 <= r <= d rows to be orthonormal, got r = ", r,
               ", d = ", d);

@@ -56,7 +56,9 @@ def _edit(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) ->
 def lowrank_edit(
     h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor
 ) -> torch.Tensor:
-    """Low-rank edit ``h + (h Pᵀ + b) Q``, fused: one pass over h forward, three backward.
+    """Low-rank edit ``h + (h Pᵀ + b) Q``, fused: forward reads h and writes the output once.
+
+    Backward reads the incoming gradient and h and writes ∂h (each gradient only if needed).
 
     Args:
         h: hidden states (..., d), any strides; float64, float32, bfloat16 or float16.

@@ -259,22 +259,21 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
   const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
   auto out = at::empty_like(h);
   auto z = at::empty({N, r}, P.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_forward_cpu", [&] {
-        using acc_t = acc_type<scalar_t>;
-        const auto rows =
-            kernel_variant(&forward_rows_portable<scalar_t>, &forward_rows_avx2<scalar_t>);
-        const ForwardArgs<scalar_t> args{h.const_data_ptr<scalar_t>(),
-                                         P.const_data_ptr<acc_t>(),
-                                         Q.const_data_ptr<acc_t>(),
-                                         b.const_data_ptr<acc_t>(),
-                                         out.mutable_data_ptr<scalar_t>(),
-                                         z.mutable_data_ptr<acc_t>(),
-                                         d,
-                                         r};
-        const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
-        at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
-      });
+  REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_forward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto rows =
+        kernel_variant(&forward_rows_portable<scalar_t>, &forward_rows_avx2<scalar_t>);
+    const ForwardArgs<scalar_t> args{h.const_data_ptr<scalar_t>(),
+                                     P.const_data_ptr<acc_t>(),
+                                     Q.const_data_ptr<acc_t>(),
+                                     b.const_data_ptr<acc_t>(),
+                                     out.mutable_data_ptr<scalar_t>(),
+                                     z.mutable_data_ptr<acc_t>(),
+                                     d,
+                                     r};
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+  });
   return {out, z};
 }
 
@@ -292,46 +291,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
   const int64_t groups = ceil_div(N, group_rows);
   const int64_t partial_size = 2 * r * d + r;
   auto partials = at::zeros({want_params ? groups : 0, partial_size}, P.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
-        using acc_t = acc_type<scalar_t>;
-        const auto rows =
-            kernel_variant(&backward_rows_portable<scalar_t>, &backward_rows_avx2<scalar_t>);
-        const BackwardArgs<scalar_t> args{
-            grad_out.const_data_ptr<scalar_t>(),
-            h.const_data_ptr<scalar_t>(),
-            P.const_data_ptr<acc_t>(),
-            Q.const_data_ptr<acc_t>(),
-            z.const_data_ptr<acc_t>(),
-            grads.want_h() ? grads.grad_h.mutable_data_ptr<scalar_t>() : nullptr,
-            grads.want_P(),
-            grads.want_Q(),
-            grads.want_b(),
-            d,
-            r};
-        acc_t* partial_ptr = partials.mutable_data_ptr<acc_t>();
-        at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
-          for (int64_t group = group_begin; group < group_end; ++group) {
-            acc_t* partial = want_params ? partial_ptr + group * partial_size : nullptr;
-            rows(args, partial, group * group_rows, std::min(N, (group + 1) * group_rows));
-          }
-        });
-        if (!want_params) return;
-        // The three wanted parts of the partials, summed over groups in group order.
-        acc_t* targets[3] = {grads.want_P() ? grads.grad_P.mutable_data_ptr<acc_t>() : nullptr,
-                             grads.want_Q() ? grads.grad_Q.mutable_data_ptr<acc_t>() : nullptr,
-                             grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr};
-        at::parallel_for(0, partial_size, 4096, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t part = std::min<int64_t>(i / (r * d), 2);
-            if (targets[part] == nullptr) continue;
-            acc_t sum = 0;
-            for (int64_t group = 0; group < groups; ++group)
-              sum += partial_ptr[group * partial_size + i];
-            targets[part][i - part * r * d] = sum;
-          }
-        });
-      });
+  REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto rows =
+        kernel_variant(&backward_rows_portable<scalar_t>, &backward_rows_avx2<scalar_t>);
+    const BackwardArgs<scalar_t> args{
+        grad_out.const_data_ptr<scalar_t>(),
+        h.const_data_ptr<scalar_t>(),
+        P.const_data_ptr<acc_t>(),
+        Q.const_data_ptr<acc_t>(),
+        z.const_data_ptr<acc_t>(),
+        grads.want_h() ? grads.grad_h.mutable_data_ptr<scalar_t>() : nullptr,
+        grads.want_P(),
+        grads.want_Q(),
+        grads.want_b(),
+        d,
+        r};
+    acc_t* partial_ptr = partials.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, groups, 1, [&](int64_t group_begin, int64_t group_end) {
+      for (int64_t group = group_begin; group < group_end; ++group) {
+        acc_t* partial = want_params ? partial_ptr + group * partial_size : nullptr;
+        rows(args, partial, group * group_rows, std::min(N, (group + 1) * group_rows));
+      }
+    });
+    if (!want_params) return;
+    // The three wanted parts of the partials, summed over groups in group order.
+    acc_t* targets[3] = {grads.want_P() ? grads.grad_P.mutable_data_ptr<acc_t>() : nullptr,
+                         grads.want_Q() ? grads.grad_Q.mutable_data_ptr<acc_t>() : nullptr,
+                         grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr};
+    at::parallel_for(0, partial_size, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t part = std::min<int64_t>(i / (r * d), 2);
+        if (targets[part] == nullptr) continue;
+        acc_t sum = 0;
+        for (int64_t group = 0; group < groups; ++group)
+          sum += partial_ptr[group * partial_size + i];
+        targets[part][i - part * r * d] = sum;
+      }
+    });
+  });
   return grads.as_tuple();
 }
 

@@ -58,7 +58,7 @@ void retract_cpu(at::Tensor& R, c10::string_view method_name) {
   const retraction::Method method = check_retract_args(R, method_name);
   const int64_t r = R.size(-2), d = R.size(-1);
   const int64_t batch = R.numel() / (r * d);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, R.scalar_type(), "retract_cpu", [&] {
+  REFT_DISPATCH_SUPPORTED(R.scalar_type(), "retract_cpu", [&] {
     retract_batch(R.mutable_data_ptr<scalar_t>(), batch, r, d, method);
   });
 }

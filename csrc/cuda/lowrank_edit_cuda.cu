@@ -204,7 +204,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Elements per 16-byte vector of scalar_t when rows of width d stay 16-byte aligned, else 1.
+// Whether rows of width d at these pointers stay 16-byte aligned, so that strips of 16 / sizeof
+// (scalar_t) elements can be loaded and stored as one 16-byte vector.
 template <typename scalar_t>
 bool can_vectorize(int64_t d, std::initializer_list<const void*> pointers) {
   constexpr int64_t V = 16 / sizeof(scalar_t);
@@ -240,14 +241,13 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cuda(const at::Tensor& h
   auto z = at::empty({N, r}, P.options());
   if (N == 0) return {out, z};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_forward_cuda", [&] {
-        using acc_t = acc_type<scalar_t>;
-        launch_edit_rows<scalar_t, acc_t>(
-            h.const_data_ptr<scalar_t>(), P.const_data_ptr<acc_t>(), Q.const_data_ptr<acc_t>(),
-            b.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
-            z.mutable_data_ptr<acc_t>(), N, d, static_cast<int>(r), stream);
-      });
+  REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_forward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    launch_edit_rows<scalar_t, acc_t>(h.const_data_ptr<scalar_t>(), P.const_data_ptr<acc_t>(),
+                                      Q.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+                                      out.mutable_data_ptr<scalar_t>(), z.mutable_data_ptr<acc_t>(),
+                                      N, d, static_cast<int>(r), stream);
+  });
   return {out, z};
 }
 
@@ -269,54 +269,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
   auto partials = at::empty({want_outer ? 2 : 0, groups, r, d}, P.options());
   auto bias_partials = at::empty({grads.want_b() ? groups : 0, r}, P.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, h.scalar_type(), "lowrank_edit_backward_cuda", [&] {
-        using acc_t = acc_type<scalar_t>;
-        const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
-        const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
-        acc_t* gz_ptr = want_gz ? gz.mutable_data_ptr<acc_t>() : nullptr;
-        if (want_gz) {
-          launch_edit_rows<scalar_t, acc_t>(
-              g_ptr, Q.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), nullptr,
-              grads.want_h() ? grads.grad_h.mutable_data_ptr<scalar_t>() : nullptr, gz_ptr, N, d,
-              static_cast<int>(r), stream);
-        }
-        if (want_outer || grads.want_b()) {
-          // Two-byte rows use 4-byte loads (2 elements), so a warp still reads 128 contiguous
-          // bytes while the grid keeps enough column blocks to fill the GPU. Depth: the wanted
-          // ones of ∂P (t = 0) and ∂Q (t = 1); ∂b alone needs one layer of column blocks.
-          constexpr int V = sizeof(scalar_t) == 2 ? 2 : 1;
-          const int64_t strips = d % V == 0 ? d / V : -1;
-          const int first_t = grads.want_P() || !want_outer ? 0 : 1;
-          const int depth = grads.want_P() && grads.want_Q() ? 2 : 1;
-          const dim3 grid(
-              static_cast<unsigned>(want_outer ? ceil_div(strips > 0 ? strips : d, kThreads) : 1),
-              static_cast<unsigned>(groups), static_cast<unsigned>(depth));
-          // With no outer product wanted, the kernel's column range starts past d (bias only).
-          const int64_t columns = want_outer ? d : 0;
-          acc_t* partials_ptr = want_outer ? partials.mutable_data_ptr<acc_t>() : nullptr;
-          acc_t* bias_ptr = grads.want_b() ? bias_partials.mutable_data_ptr<acc_t>() : nullptr;
-          if (strips > 0) {
-            outer_partials_kernel<scalar_t, acc_t, V><<<grid, kThreads, 0, stream>>>(
-                h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N, columns,
-                static_cast<int>(r), group_rows, first_t);
-          } else {
-            outer_partials_kernel<scalar_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(
-                h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N, columns,
-                static_cast<int>(r), group_rows, first_t);
-          }
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          const int64_t outputs = 2 * r * d + r;
-          sum_partials_kernel<acc_t>
-              <<<static_cast<unsigned>(ceil_div(outputs, kThreads)), kThreads, 0, stream>>>(
-                  partials_ptr, bias_partials.const_data_ptr<acc_t>(),
-                  grads.want_P() ? grads.grad_P.mutable_data_ptr<acc_t>() : nullptr,
-                  grads.want_Q() ? grads.grad_Q.mutable_data_ptr<acc_t>() : nullptr,
-                  grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr, groups, r * d,
-                  static_cast<int>(r));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      });
+  REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
+    acc_t* gz_ptr = want_gz ? gz.mutable_data_ptr<acc_t>() : nullptr;
+    if (want_gz) {
+      launch_edit_rows<scalar_t, acc_t>(
+          g_ptr, Q.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), nullptr,
+          grads.want_h() ? grads.grad_h.mutable_data_ptr<scalar_t>() : nullptr, gz_ptr, N, d,
+          static_cast<int>(r), stream);
+    }
+    if (want_outer || grads.want_b()) {
+      // Two-byte rows use 4-byte loads (2 elements), so a warp still reads 128 contiguous
+      // bytes while the grid keeps enough column blocks to fill the GPU. Depth: the wanted
+      // ones of ∂P (t = 0) and ∂Q (t = 1); ∂b alone needs one layer of column blocks.
+      constexpr int V = sizeof(scalar_t) == 2 ? 2 : 1;
+      const int64_t strips = d % V == 0 ? d / V : -1;
+      const int first_t = grads.want_P() || !want_outer ? 0 : 1;
+      const int depth = grads.want_P() && grads.want_Q() ? 2 : 1;
+      const dim3 grid(
+          static_cast<unsigned>(want_outer ? ceil_div(strips > 0 ? strips : d, kThreads) : 1),
+          static_cast<unsigned>(groups), static_cast<unsigned>(depth));
+      // With no outer product wanted, the kernel's column range starts past d (bias only).
+      const int64_t columns = want_outer ? d : 0;
+      acc_t* partials_ptr = want_outer ? partials.mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* bias_ptr = grads.want_b() ? bias_partials.mutable_data_ptr<acc_t>() : nullptr;
+      if (strips > 0) {
+        outer_partials_kernel<scalar_t, acc_t, V><<<grid, kThreads, 0, stream>>>(
+            h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N, columns,
+            static_cast<int>(r), group_rows, first_t);
+      } else {
+        outer_partials_kernel<scalar_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(
+            h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N, columns,
+            static_cast<int>(r), group_rows, first_t);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t outputs = 2 * r * d + r;
+      sum_partials_kernel<acc_t>
+          <<<static_cast<unsigned>(ceil_div(outputs, kThreads)), kThreads, 0, stream>>>(
+              partials_ptr, bias_partials.const_data_ptr<acc_t>(),
+              grads.want_P() ? grads.grad_P.mutable_data_ptr<acc_t>() : nullptr,
+              grads.want_Q() ? grads.grad_Q.mutable_data_ptr<acc_t>() : nullptr,
+              grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr, groups, r * d,
+              static_cast<int>(r));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
   return grads.as_tuple();
 }
 

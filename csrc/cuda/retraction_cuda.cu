@@ -115,7 +115,7 @@ void retract_cuda(at::Tensor& R, c10::string_view method_name) {
   const int64_t r = R.size(-2), d = R.size(-1);
   const int64_t batch = R.numel() / (r * d);
   if (batch == 0) return;
-  const auto acc = R.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulation_dtype(R.scalar_type());
   // Low-precision R is retracted in float32 and written back.
   at::Tensor values = R.scalar_type() == acc ? R : R.to(acc);
   auto work = at::empty({batch, r, d}, values.options());

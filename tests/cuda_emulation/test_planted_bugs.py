@@ -76,9 +76,8 @@ MUTATIONS = {
     ),
     "launch-not-checked": (
         EDIT,
-        "                  static_cast<int>(r));\n"
-        "          C10_CUDA_KERNEL_LAUNCH_CHECK();\n        }",
-        "                  static_cast<int>(r));\n        }",
+        "              static_cast<int>(r));\n      C10_CUDA_KERNEL_LAUNCH_CHECK();\n    }",
+        "              static_cast<int>(r));\n    }",
         "default",
         ("backward", "error", "C10_CUDA_KERNEL_LAUNCH_CHECK"),
     ),
