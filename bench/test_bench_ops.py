@@ -11,16 +11,16 @@ import torch
 
 from reft_ext.bench.cases import (
     ROOFLINE,
+    OpCase,
     input_sets_for,
     make_inputs,
-    op_cases,
     op_providers,
     provider_call,
 )
 from reft_ext.bench.memory import peak_bytes
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = op_cases(quick=False)
+CASES = OpCase.grid(quick=False)
 
 
 @pytest.mark.parametrize("provider", op_providers())
@@ -31,7 +31,7 @@ def test_loreft(benchmark, case, provider):
     inputs = make_inputs(case, DEVICE, input_sets_for(case))
     call = provider_call(case, provider, inputs)
     benchmark.group = case.name
-    benchmark.extra_info.update(case.as_dict())
+    benchmark.extra_info.update(case.params)
     benchmark.extra_info["device"] = str(DEVICE)
     benchmark.extra_info["threads"] = torch.get_num_threads()
     benchmark.extra_info["peak_bytes"] = peak_bytes(call, DEVICE)  # one untimed call

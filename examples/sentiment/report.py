@@ -7,25 +7,29 @@ import statistics
 from pathlib import Path
 
 from reft_ext.bench.plot import agg_figure
+from reft_ext.bench.table import markdown_table
 
 
-def markdown_table(results: dict) -> str:
+def results_table(results: dict) -> str:
     """One row per method: test accuracy, trainable parameters, median step time, memory."""
     total = results["model"]["parameters"]
-    lines = [
-        "| method | test accuracy | trainable params | % of model | median step (s) "
-        "| saved activations (MiB) |",
-        "|---|---|---|---|---|---|",
-        f"| zero-shot | {results['zero_shot']['test_accuracy']:.3f} | 0 | 0 | – | – |",
-    ]
+    header = [
+        "method", "test accuracy", "trainable params", "% of model", "median step (s)",
+        "saved activations (MiB)",
+    ]  # fmt: skip
+    rows = [["zero-shot", f"{results['zero_shot']['test_accuracy']:.3f}", 0, 0, "–", "–"]]
     for run in results["methods"]:
-        lines.append(
-            f"| {run['name']} | {run['test_accuracy']:.3f} | {run['trainable_parameters']:,} "
-            f"| {100 * run['trainable_parameters'] / total:.3f} "
-            f"| {run['median_step_seconds']:.2f} "
-            f"| {run['memory_mib']['saved_activations_peak']:.0f} |"
+        rows.append(
+            [
+                run["name"],
+                f"{run['test_accuracy']:.3f}",
+                f"{run['trainable_parameters']:,}",
+                f"{100 * run['trainable_parameters'] / total:.3f}",
+                f"{run['median_step_seconds']:.2f}",
+                f"{run['memory_mib']['saved_activations_peak']:.0f}",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, rows) + "\n"
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -82,5 +86,5 @@ def write(results: dict, out: Path) -> None:
     """``results.json``, ``table.md`` and ``results.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "table.md").write_text(markdown_table(results))
+    (out / "table.md").write_text(results_table(results))
     plot(results, out / "results.png")

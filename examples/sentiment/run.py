@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "smoke": args.smoke,
     }
     report.write(results, args.out)
-    print(report.markdown_table(results))
+    print(report.results_table(results))
     print(
         f"wrote {args.out}/results.json, table.md, results.png in {results['wall_seconds']:.0f} s"
     )

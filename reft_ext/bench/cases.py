@@ -1,10 +1,14 @@
 """Benchmark cases and providers, shared by ``python -m reft_ext.bench`` and ``bench/*.py``.
 
-A case is one shape, dtype and mode (``forward`` or ``forward_backward``) of the LoReFT op.
-Providers (:func:`op_providers`, in table order): ``fused`` (reft_ext.loreft), ``naive``
-(reft_ext.reference.loreft, pyreft's composite), ``pyreft`` (pyreft's own ``LoreftIntervention``
-module; only where pyreft is importable) and ``copy`` (``out.copy_(h)``, the memory roofline of a
-pass that reads h and writes an output).
+Each case class is one suite (one table): its fields are a point's parameters, ``grid`` lists the
+points, ``calls`` builds one zero-argument callable per provider, ``columns`` derives the table's
+ratios from the providers' medians. :data:`SUITES` lists them in running order.
+
+The op suite (:class:`OpCase`) is one shape, dtype and mode (``forward`` or ``forward_backward``)
+of the LoReFT op. Providers (:func:`op_providers`, in table order): ``fused`` (reft_ext.loreft),
+``naive`` (reft_ext.reference.loreft, pyreft's composite), ``pyreft`` (pyreft's own
+``LoreftIntervention`` module; only where pyreft is importable) and ``copy`` (``out.copy_(h)``, the
+memory roofline of a pass that reads h and writes an output).
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import importlib.util
 import io
 import itertools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import ModuleType
+from typing import ClassVar
 
 import torch
 
 from .. import reference
 from ..functional import loreft
+from .record import Case
+from .table import Column, format_ms, ratio
 
 MODES = ("forward", "forward_backward")
 PROVIDERS: dict[str, Callable[..., torch.Tensor]] = {"fused": loreft, "naive": reference.loreft}
@@ -69,39 +76,44 @@ def op_providers(optional: bool = True) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class OpCase:
-    """One benchmark point: h (N, d) of ``dtype``, rank r, in ``mode``."""
+class OpCase(Case):
+    """The LoReFT op in ``mode`` on h (N, d) of ``dtype``, rank r, float32 parameters."""
 
+    suite: ClassVar[str] = "op"
+    title: ClassVar[str] = "LoReFT op: fused vs naive composite (and pyreft), copy_ roofline"
+    columns: ClassVar[tuple[Column, ...]] = (
+        ratio("naive", "fused"),
+        ratio("pyreft", "fused"),
+        ratio("fused", ROOFLINE),
+    )
+
+    mode: str
     N: int
     d: int
     r: int
     dtype: str
-    mode: str
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
-    @property
-    def name(self) -> str:
-        return f"{self.mode}-N{self.N}-d{self.d}-r{self.r}-{self.dtype}"
+    @classmethod
+    def grid(cls, quick: bool) -> list[OpCase]:
+        """quick: the headline shape (N=8192, d=2048, r=4) and one small-N shape; else
+        N ∈ {256, 8192} × d ∈ {768, 2048, 4096} × r ∈ {4, 16}; float32 and bfloat16, both modes."""
+        if quick:
+            shapes = [(8192, 2048, 4), (256, 2048, 4)]
+        else:
+            shapes = list(itertools.product((256, 8192), (768, 2048, 4096), (4, 16)))
+        return [
+            cls(mode, N, d, r, dtype)
+            for (N, d, r), dtype, mode in itertools.product(shapes, ("float32", "bfloat16"), MODES)
+        ]
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def op_cases(quick: bool) -> list[OpCase]:
-    """The grid: quick = the headline shape (N=8192, d=2048, r=4) and one small-N shape."""
-    if quick:
-        shapes = [(8192, 2048, 4), (256, 2048, 4)]
-        dtypes = ["float32", "bfloat16"]
-    else:
-        shapes = list(itertools.product((256, 8192), (768, 2048, 4096), (4, 16)))
-        dtypes = ["float32", "bfloat16"]
-    return [
-        OpCase(N, d, r, dtype, mode)
-        for (N, d, r), dtype, mode in itertools.product(shapes, dtypes, MODES)
-    ]
+    def calls(self, device: torch.device) -> dict[str, Callable[[], object]]:
+        """One callable per provider of :func:`op_providers`, sharing the input sets."""
+        inputs = make_inputs(self, device, input_sets_for(self))
+        return {p: provider_call(self, p, inputs) for p in op_providers()}
 
 
 @dataclass
@@ -204,23 +216,6 @@ def provider_call(case: OpCase, provider: str, inputs: list[OpInputs]) -> Callab
     return run
 
 
-@dataclass(frozen=True)
-class GradSkipCase:
-    """Fused LoReFT forward+backward on h (N, d) where not every input needs a gradient."""
-
-    N: int = 8192
-    d: int = 2048
-    r: int = 4
-    dtype: str = "float32"
-
-    @property
-    def name(self) -> str:
-        return f"grad-skip-N{self.N}-d{self.d}-r{self.r}-{self.dtype}"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 #: What needs a gradient in each GradSkipCase provider: (h, the parameters R, W, b).
 GRAD_SKIP_PROVIDERS = {
     "all": (True, True),
@@ -229,11 +224,35 @@ GRAD_SKIP_PROVIDERS = {
 }
 
 
+@dataclass(frozen=True)
+class GradSkipCase(Case):
+    """Fused LoReFT forward+backward on h (N, d) where not every input needs a gradient."""
+
+    suite: ClassVar[str] = "grad-skip"
+    title: ClassVar[str] = "Skipped gradients: fused forward+backward, frozen h or parameters"
+    columns: ClassVar[tuple[Column, ...]] = tuple(
+        ratio("all", p) for p in GRAD_SKIP_PROVIDERS if p != "all"
+    )
+
+    N: int = 8192
+    d: int = 2048
+    r: int = 4
+    dtype: str = "float32"
+
+    @classmethod
+    def grid(cls, quick: bool) -> list[GradSkipCase]:
+        """The one shape the issue asks for, quick or not: N=8192, d=2048, r=4, float32."""
+        return [cls()]
+
+    def calls(self, device: torch.device) -> dict[str, Callable[[], object]]:
+        return {p: grad_skip_call(self, p, device) for p in GRAD_SKIP_PROVIDERS}
+
+
 def grad_skip_call(case: GradSkipCase, provider: str, device: torch.device):
     """A zero-argument callable: fused LoReFT forward, then backward into the inputs that need a
     gradient in ``provider`` (GRAD_SKIP_PROVIDERS); the op skips the others' work."""
     h_needs, params_need = GRAD_SKIP_PROVIDERS[provider]
-    op_case = OpCase(case.N, case.d, case.r, case.dtype, "forward_backward")
+    op_case = OpCase("forward_backward", case.N, case.d, case.r, case.dtype)
     (x,) = make_inputs(op_case, device)
     x.h.requires_grad_(h_needs)
     for p in (x.R, x.W, x.b):
@@ -247,27 +266,38 @@ def grad_skip_call(case: GradSkipCase, provider: str, device: torch.device):
 
 
 @dataclass(frozen=True)
-class RetractionCase:
-    """Keeping k (r, d) matrices orthonormal for one optimizer step."""
+class RetractionCase(Case):
+    """Keeping k (r, d) float32 matrices orthonormal for one optimizer step."""
+
+    suite: ClassVar[str] = "retraction"
+    title: ClassVar[str] = (
+        "Retraction: fused vs torch.linalg.qr loop (and pyreft's parametrization)"
+    )
+    columns: ClassVar[tuple[Column, ...]] = (
+        ratio("torch_qr", "fused"),
+        ratio("parametrization", "fused"),
+    )
 
     k: int
     d: int
     r: int
 
-    @property
-    def name(self) -> str:
-        return f"retraction-k{self.k}-d{self.d}-r{self.r}"
+    @classmethod
+    def grid(cls, quick: bool) -> list[RetractionCase]:
+        """Single matrices against pyreft's parametrization, and the batched k = 32 case."""
+        if quick:
+            return [cls(1, 2048, 8), cls(32, 4096, 8)]
+        singles = [cls(1, d, r) for d in (2048, 4096) for r in (4, 8, 32)]
+        return singles + [cls(32, 4096, 8), cls(32, 4096, 32)]
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def calls(self, device: torch.device) -> dict[str, Callable[[], object]]:
+        """fused and torch_qr; parametrization too for k = 1 (it is the slow baseline)."""
+        providers = ["fused", "torch_qr"] + (["parametrization"] if self.k == 1 else [])
+        return {p: retraction_call(self, p, device) for p in providers}
 
-
-def retraction_cases(quick: bool) -> list[RetractionCase]:
-    """Single matrices against pyreft's parametrization, and the batched k = 32 case."""
-    if quick:
-        return [RetractionCase(1, 2048, 8), RetractionCase(32, 4096, 8)]
-    singles = [RetractionCase(1, d, r) for d in (2048, 4096) for r in (4, 8, 32)]
-    return singles + [RetractionCase(32, 4096, 8), RetractionCase(32, 4096, 32)]
+    def timing(self, repeats: int) -> dict:
+        """Half the samples (at least 5) and 2 warm-up calls: the parametrization is slow."""
+        return {"repeats": max(5, repeats // 2), "warmup": 2}
 
 
 def _sign_fixed_qr_(R: torch.Tensor) -> None:
@@ -311,9 +341,30 @@ def retraction_call(case: RetractionCase, provider: str, device: torch.device):
     raise ValueError(f"unknown retraction provider {provider!r}")
 
 
+def _added_ms(provider: str, base: str) -> Column:
+    """What ``provider`` adds to ``base``, in ms."""
+    return Column(f"+{provider} ms", (provider, base), lambda m: m[provider] - m[base], format_ms)
+
+
+def _added_ratio(m: dict[str, float]) -> float | None:
+    """The clone hook's added time ÷ reft_ext's (undefined when reft_ext adds nothing)."""
+    ours, theirs = m["reft_ext"] - m["none"], m["clone"] - m["none"]
+    return theirs / ours if ours > 0 else None
+
+
 @dataclass(frozen=True)
-class HookCase:
+class HookCase(Case):
     """Editing P of T positions of a block output (B, T, d) with LoReFT, forward+backward."""
+
+    suite: ClassVar[str] = "hook"
+    title: ClassVar[str] = "Hook: a block alone, + reft_ext's position-sparse hook, + a clone hook"
+    columns: ClassVar[tuple[Column, ...]] = (
+        _added_ms("reft_ext", "none"),
+        _added_ms("clone", "none"),
+        Column(
+            "clone/reft_ext added", ("none", "reft_ext", "clone"), _added_ratio, "{:.1f}x".format
+        ),
+    )
 
     B: int
     T: int
@@ -321,18 +372,14 @@ class HookCase:
     d: int
     r: int = 4
 
-    @property
-    def name(self) -> str:
-        return f"hook-B{self.B}-T{self.T}-P{self.P}-d{self.d}"
+    @classmethod
+    def grid(cls, quick: bool) -> list[HookCase]:
+        """T ∈ {512, 2048} (quick: 512), P = 2 (first and last token) and P = T, d = 2048."""
+        lengths = (512,) if quick else (512, 2048)
+        return [cls(2, T, P, 2048) for T in lengths for P in (2, T)]
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def hook_cases(quick: bool) -> list[HookCase]:
-    """T ∈ {512, 2048} (quick: 512), P = 2 (first and last token) and P = T, d = 2048."""
-    lengths = (512,) if quick else (512, 2048)
-    return [HookCase(2, T, P, 2048) for T in lengths for P in (2, T)]
+    def calls(self, device: torch.device) -> dict[str, Callable[[], object]]:
+        return {p: hook_call(self, p, device) for p in ("none", "reft_ext", "clone")}
 
 
 def hook_call(case: HookCase, provider: str, device: torch.device):
@@ -374,21 +421,40 @@ def hook_call(case: HookCase, provider: str, device: torch.device):
     return run
 
 
+def _overhead(provider: str, base: str) -> Column:
+    """``provider``'s time over ``base``'s, as a percentage added."""
+    return Column(
+        f"{provider} overhead",
+        (provider, base),
+        lambda m: m[provider] / m[base] - 1,
+        "{:+.1%}".format,
+    )
+
+
 @dataclass(frozen=True)
-class TrainStepCase:
-    """One training step (forward+backward) of a tiny random Llama with LoReFT at two layers."""
+class TrainStepCase(Case):
+    """One training step (forward+backward) of a tiny random Llama with LoReFT r = 4 at layers 1
+    and 2, positions f1+l1."""
+
+    suite: ClassVar[str] = "train-step"
+    title: ClassVar[str] = "Training step of a tiny Llama: frozen, reft_ext, naive hooks"
+    columns: ClassVar[tuple[Column, ...]] = (
+        _overhead("reft_ext", "frozen"),
+        _overhead("naive", "frozen"),
+    )
 
     B: int = 2
     T: int = 256
     d: int = 512
     layers: int = 4
 
-    @property
-    def name(self) -> str:
-        return f"train-step-B{self.B}-T{self.T}-d{self.d}-L{self.layers}"
+    @classmethod
+    def grid(cls, quick: bool) -> list[TrainStepCase]:
+        return [cls()]
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def calls(self, device: torch.device) -> dict[str, Callable[[], object]]:
+        """Raises ImportError where transformers (optional) is not installed."""
+        return train_step_calls(self, device)
 
 
 def train_step_calls(case: TrainStepCase, device: torch.device) -> dict:
@@ -460,3 +526,7 @@ def train_step_calls(case: TrainStepCase, device: torch.device) -> dict:
         "reft_ext": step(lambda: reft(inputs_embeds=embeds, labels=labels)),
         "naive": step(naive_run),
     }
+
+
+#: Every suite, in running (and table) order.
+SUITES: tuple[type[Case], ...] = (OpCase, GradSkipCase, RetractionCase, HookCase, TrainStepCase)

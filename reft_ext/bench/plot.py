@@ -6,12 +6,21 @@ Re-render from a saved run with ``python -m reft_ext.bench.plot results.json [ou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from .record import Measurement, group_by_case, load_results
+
 MODE_TITLES = {"forward": "forward", "forward_backward": "forward+backward"}
 DTYPE_STYLES = {"float32": "-", "bfloat16": "--", "float16": ":"}
+
+
+def _op_rows(measurements: list[Measurement]) -> list[dict]:
+    """The op suite's cases as their parameters plus ``medians`` ({provider: seconds})."""
+    return [
+        params | {"medians": {p: m.value for p, m in by_provider.items()}}
+        for params, by_provider in group_by_case(measurements, "op")
+    ]
 
 
 def _groups(rows: list[dict], mode: str) -> dict[tuple, list[dict]]:
@@ -21,6 +30,10 @@ def _groups(rows: list[dict], mode: str) -> dict[tuple, list[dict]]:
         if row["mode"] == mode:
             groups.setdefault((row["d"], row["r"], row["dtype"]), []).append(row)
     return {key: sorted(group, key=lambda row: row["N"]) for key, group in sorted(groups.items())}
+
+
+def _ratio(numerator: str, denominator: str):
+    return lambda row: row["medians"][numerator] / row["medians"][denominator]
 
 
 def _draw(ax, groups: dict[tuple, list[dict]], value, colors: dict) -> None:
@@ -55,17 +68,16 @@ def agg_figure(path: str | Path, **figure_kwargs):
     return fig
 
 
-def save_plot(results: dict, path: str | Path) -> bool:
-    """Write the PNG for ``results`` (the dict of ``results.json``) to ``path``.
+def save_plot(machine: dict, measurements: list[Measurement], path: str | Path) -> bool:
+    """Write the PNG of a run (``machine`` info and its measurements, as in ``results.json``).
 
     Panels: speedup (naive median ÷ fused median) against N for the forward and the
-    forward+backward op cases, one line per (d, r, dtype); when ``results["machine"]["device"]`` is
-    CUDA, also the fraction of the measured ``copy_`` bandwidth the fused forward reaches (copy
-    median ÷ fused median; 1 = at the memory roofline). Returns False, after printing a one-line
-    note, when matplotlib is not installed; the benchmark's other files do not need it.
+    forward+backward op cases, one line per (d, r, dtype); when ``machine["device"]`` is CUDA,
+    also the fraction of the measured ``copy_`` bandwidth the fused forward reaches (copy median ÷
+    fused median; 1 = at the memory roofline). Returns False, after printing a one-line note, when
+    matplotlib is not installed; the benchmark's other files do not need it.
     """
-    machine = results["machine"]
-    rows = results["ops"]
+    rows = _op_rows(measurements)
     on_cuda = str(machine["device"]).startswith("cuda")
     fig = agg_figure(path, figsize=(6 * (2 + on_cuda), 4.8), layout="constrained")
     if fig is None:
@@ -75,13 +87,13 @@ def save_plot(results: dict, path: str | Path) -> bool:
 
     axes = fig.subplots(1, 2 + on_cuda, squeeze=False)[0]
     for ax, mode in zip(axes, MODE_TITLES, strict=False):
-        _draw(ax, _groups(rows, mode), lambda row: row["speedup_vs_naive"], colors)
+        _draw(ax, _groups(rows, mode), _ratio("naive", "fused"), colors)
         ax.axhline(1.0, color="gray", linewidth=1)
         ax.set_ylabel("speedup over naive (×)")
         ax.set_title(f"fused vs naive, {MODE_TITLES[mode]}")
     if on_cuda:
         ax = axes[2]
-        _draw(ax, _groups(rows, "forward"), lambda row: 1.0 / row["fused_over_copy"], colors)
+        _draw(ax, _groups(rows, "forward"), _ratio("copy", "fused"), colors)
         ax.axhline(
             0.8, color="gray", linestyle="--", linewidth=1
         )  # the target: within 80 % of copy_'s bandwidth
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, nargs="?", help="PNG path (default: bench.png beside it)")
     args = parser.parse_args(argv)
     out = args.out or args.results.with_name("bench.png")
-    if save_plot(json.loads(args.results.read_text()), out):
+    if save_plot(*load_results(args.results), out):
         print(f"wrote {out}")
     return 0
 
