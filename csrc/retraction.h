@@ -12,7 +12,8 @@
 // orthonormal rows, with polar(T) from Newton's iteration X ← (X + X⁻ᵀ)/2 on the r×r factor.
 //
 // The routines are single-threaded on one matrix, except those taking (begin, Step) column ranges,
-// which a CUDA block splits over its threads. All arithmetic is in acc_t (float or double).
+// which a CUDA block splits over its threads; retract_matrix is the control flow of both back-ends.
+// All arithmetic is in acc_t (float or double).
 #pragma once
 
 #include <cmath>
@@ -333,36 +334,50 @@ struct SmallScratch {
 
 REFT_HD int64_t small_scratch_size(int64_t r) { return 4 * r * r; }
 
-// Retracts one r×d matrix in place (single-threaded), with the method's fallbacks described above.
-template <typename acc_t>
-REFT_HD void retract_matrix(acc_t* R, int64_t r, int64_t d, Method method, acc_t* work,
-                            acc_t* small) {
+// Retracts one r×d matrix in place, with the method's fallbacks described above: the one control
+// flow of both back-ends. `team` says who does what:
+//   - team.leader(): true on the one thread that runs the r×r factorizations (and the Householder
+//     fallback); team.sync(): a barrier of the team; team.share(v): the leader's v, on every
+//     thread;
+//   - team.first(), team.stride(): this thread's share of elementwise passes (e = first, first +
+//     stride, ...);
+//   - team.max_abs(R, n), team.gram(R, S, r, d), team.solve_lower(L, R, r, d) (R ← L⁻¹ R) and
+//     team.apply_left(X, R, work, r, d) (R ← X R through work): the d-long passes, each thread on
+//     its share, the result (max_abs's value, S) seen by every thread after the next sync.
+// The CPU's team is one thread (retraction_cpu.cpp), CUDA's a block (retraction_cuda.cu).
+template <typename acc_t, typename Team>
+REFT_HD void retract_matrix(const Team& team, acc_t* R, int64_t r, int64_t d, Method method,
+                            acc_t* work, acc_t* small) {
   const SmallScratch<acc_t> scratch(small, r);
   acc_t *S = scratch.S, *T = scratch.T, *tmp = scratch.tmp;
   const bool polar = method == kPolar;
-  if (polar) set_identity(T, r);
-  normalize_scale(R, r * d, max_abs_strided(R, r * d, 0, 1), 0, 1);
+  const bool leader = team.leader();
+  if (polar && leader) set_identity(T, r);
+  normalize_scale(R, r * d, team.max_abs(R, r * d), team.first(), team.stride());
   int passes = 0;
   if (method != kQR) {
     for (; passes < 2; ++passes) {
-      gram_rows(R, S, r, d);
-      if (!cholesky_lower(S, r, cholqr_min_pivot_ratio<acc_t>(passes))) break;
-      // Column chunks whose r rows stay in L1 while every row of the chunk is solved.
-      constexpr int64_t kChunk = 256;
-      for (int64_t c = 0; c < d; c += kChunk) {
-        solve_lower_columns<1>(S, R, r, d, c, c + kChunk < d ? c + kChunk : d);
+      team.sync();  // the scaled (or last pass's solved) R is complete
+      team.gram(R, S, r, d);
+      team.sync();
+      bool factored = false;
+      if (leader) {
+        factored = cholesky_lower(S, r, cholqr_min_pivot_ratio<acc_t>(passes));
+        if (factored && polar) multiply_into(T, S, tmp, r);  // R_in = T Q accumulates T ← T L
       }
-      if (polar) multiply_into(T, S, tmp, r);
+      if (!team.share(factored)) break;
+      team.solve_lower(S, R, r, d);
     }
   }
+  team.sync();
   if (passes < 2) {
-    householder_rows(R, S, work, r, d);
-    if (polar) multiply_into(T, S, tmp, r);
+    if (leader) {
+      householder_rows(R, S, work, r, d);
+      if (polar) multiply_into(T, S, tmp, r);
+    }
+    team.sync();
   }
-  if (polar && polar_small(T, tmp, r)) {
-    apply_left_columns<1>(T, R, work, r, d, 0);
-    for (int64_t e = 0; e < r * d; ++e) R[e] = work[e];
-  }
+  if (polar && team.share(leader && polar_small(T, tmp, r))) team.apply_left(T, R, work, r, d);
 }
 
 }  // namespace retraction

@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 import tiny_models
 import torch
+from truth import max_rel
 
-from reft_ext.integrations.pyreft import load_pyreft_checkpoint, read_pyreft_checkpoint
+from reft_ext.integrations.pyreft import (
+    PYREFT_TYPES,
+    load_pyreft_checkpoint,
+    read_pyreft_checkpoint,
+)
+from reft_ext.modules import INTERVENTIONS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pyreft_loreft_ckpt"
 
@@ -31,9 +37,10 @@ def test_imported_interventions_reproduce_pyreft_outputs():
         ]
         expected = probe[entry.key]
         got = module(probe["h"])
-        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
-        rotation = entry.state["rotate_layer"]
-        assert torch.equal(module.R.detach(), rotation.T)
+        assert max_rel(got, expected) <= 1e-5
+        state = torch.load(FIXTURE / f"intkey_{entry.key}.bin", weights_only=True)
+        assert torch.equal(module.R.detach(), state["rotate_layer"].T)
+        assert torch.equal(module.W.detach(), state["weight"])
 
 
 def test_imported_model_runs_and_edits():
@@ -54,11 +61,78 @@ def _modified_copy(tmp_path, edit):
     return target
 
 
-def test_unknown_intervention_type_is_rejected(tmp_path):
-    def edit(config):
-        config["intervention_types"][0] = "<class 'pyreft.interventions.NodireftIntervention'>"
+def test_every_pyreft_type_maps_onto_a_registered_intervention():
+    assert set(PYREFT_TYPES) >= {
+        "LoreftIntervention", "NoreftIntervention", "ConsreftIntervention",
+        "LobireftIntervention", "DireftIntervention", "NodireftIntervention",
+    }  # fmt: skip
+    assert {name for name, _ in PYREFT_TYPES.values()} <= set(INTERVENTIONS)
 
-    with pytest.raises(ValueError, match="NodireftIntervention"):
+
+def _set_type(config, index, name):
+    config["intervention_types"][index] = f"<class 'pyreft.interventions.{name}'>"
+
+
+def test_unknown_intervention_type_is_rejected(tmp_path):
+    target = _modified_copy(tmp_path, lambda config: _set_type(config, 0, "MadeUpIntervention"))
+    with pytest.raises(ValueError, match="type 'MadeUpIntervention'; reft_ext imports"):
+        load_pyreft_checkpoint(tiny_llama(), target)
+
+
+def test_a_file_without_its_types_tensors_names_the_file_and_keys(tmp_path):
+    target = _modified_copy(tmp_path, lambda config: _set_type(config, 0, "NodireftIntervention"))
+    key = json.loads((target / "config.json").read_text())["sorted_keys"][0]
+    with pytest.raises(
+        ValueError,
+        match=rf"intkey_{key}\.bin \(NodireftIntervention\) lacks \['proj_layer.weight'\]",
+    ):
+        load_pyreft_checkpoint(tiny_llama(), target)
+
+
+def test_mixed_intervention_types_are_rejected(tmp_path):
+    """A NoReFT file (pyreft's nn.Module keys) beside a LoReFT one: one ReftConfig cannot hold
+    both, so the load names the two types."""
+    target = _modified_copy(tmp_path, lambda config: _set_type(config, 0, "NoreftIntervention"))
+    key = json.loads((target / "config.json").read_text())["sorted_keys"][0]
+    path = target / f"intkey_{key}.bin"
+    state = torch.load(path, weights_only=True)
+    noreft = {
+        "proj_layer.weight": state["rotate_layer"].T.contiguous(),
+        "learned_source.weight": state["weight"],
+        "learned_source.bias": state["bias"],
+    }
+    torch.save(noreft, path)
+    assert read_pyreft_checkpoint(target)[0].intervention == "noreft"
+    with pytest.raises(
+        ValueError, match=r"different types \['LoreftIntervention', 'NoreftIntervention'\]"
+    ):
+        load_pyreft_checkpoint(tiny_llama(), target)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "bad", "message"),
+    [
+        ("bias", lambda t: t[0], r"b has shape \(\), expected \(4,\)"),  # 0-d
+        ("weight", lambda t: t[:3], r"W has shape \(3, 64\), expected \(4, 64\)"),
+        ("weight", lambda t: t[:, :32], r"W has shape \(4, 32\), expected \(4, 64\)"),
+    ],
+)
+def test_tensors_of_the_wrong_shape_are_rejected(tmp_path, tensor, bad, message):
+    target = _modified_copy(tmp_path, lambda config: None)
+    key = json.loads((target / "config.json").read_text())["sorted_keys"][0]
+    path = target / f"intkey_{key}.bin"
+    state = torch.load(path, weights_only=True)
+    state[tensor] = bad(state[tensor]).contiguous()
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=rf"intkey_{key}\.bin \(LoreftIntervention\): {message}"):
+        load_pyreft_checkpoint(tiny_llama(), target)
+
+
+def test_rank_other_than_the_tensors_is_rejected(tmp_path):
+    def edit(config):
+        config["representations"][0][4] = 3  # low_rank_dimension
+
+    with pytest.raises(ValueError, match=r"R has shape \(4, 64\), expected \(3, 64\)"):
         load_pyreft_checkpoint(tiny_llama(), _modified_copy(tmp_path, edit))
 
 

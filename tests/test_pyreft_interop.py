@@ -11,8 +11,10 @@ pyreft = pytest.importorskip("pyreft")
 transformers = pytest.importorskip("transformers")
 
 from tiny_models import tiny_llama  # noqa: E402
+from truth import max_rel  # noqa: E402
 
 from reft_ext.integrations.pyreft import (  # noqa: E402
+    PYREFT_TYPES,
     LoreftIntervention,
     load_pyreft_checkpoint,
 )
@@ -31,7 +33,7 @@ def test_same_outputs_and_keys_as_pyreft_loreft():
     ours.load_state_dict(theirs.state_dict())
     h = torch.randn(7, EMBED)
     expected = theirs(h)
-    assert (ours(h) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert max_rel(ours(h), expected) <= 1e-5
 
 
 def test_pyreft_training_save_and_load_with_our_class(tmp_path):
@@ -99,10 +101,9 @@ def test_bench_pyreft_provider_runs_pyrefts_module_with_the_cases_weights(mode):
         result = call()
         h, R, W, b = (t.detach().clone().requires_grad_() for t in (x.h, x.R, x.W, x.b))
         expected = reference.loreft(h, R, W, b)
-        tol = 1e-5 * expected.abs().max()
         if mode == "forward":
             assert not result.requires_grad
-            assert (result - expected).abs().max() <= tol
+            assert max_rel(result, expected) <= 1e-5
             continue
         module = pyreft_intervention(x.R, x.W, x.b, torch.float32, torch.device("cpu"))
         assert isinstance(module, pyreft.LoreftIntervention)
@@ -110,10 +111,9 @@ def test_bench_pyreft_provider_runs_pyrefts_module_with_the_cases_weights(mode):
         names = [name for name, p in module.named_parameters() if p.requires_grad]
         grads = dict(zip(["h", *names], result, strict=True))
         want = dict(zip("hWb", torch.autograd.grad(expected, (h, W, b), x.grad_out), strict=True))
-        scale = {k: 1e-5 * g.abs().max() for k, g in want.items()}
-        assert (grads["h"] - want["h"]).abs().max() <= scale["h"]
-        assert (grads["learned_source.weight"] - want["W"]).abs().max() <= scale["W"]
-        assert (grads["learned_source.bias"] - want["b"]).abs().max() <= scale["b"]
+        assert max_rel(grads["h"], want["h"]) <= 1e-5
+        assert max_rel(grads["learned_source.weight"], want["W"]) <= 1e-5
+        assert max_rel(grads["learned_source.bias"], want["b"]) <= 1e-5
         rotate = grads["rotate_layer.parametrizations.weight.original"]
         assert rotate.shape == (EMBED, RANK) and torch.isfinite(rotate).all()
 
@@ -137,3 +137,67 @@ def test_bench_table_shows_the_pyreft_column(tmp_path):
     header = next(line for line in lines if line.startswith("| mode |")).split(" | ")
     (row,) = [line.split(" | ") for line in lines if line.startswith("| forward |")]
     assert row[header.index("pyreft/fused")] == f"{medians['pyreft'] / medians['fused']:.2f}x"
+
+
+def _pyreft_intervention(type_name: str) -> torch.nn.Module:
+    """One of pyreft's own classes, float32, with every trainable tensor random (biases too)."""
+    kwargs = dict(embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32, add_bias=True)
+    module = getattr(pyreft, type_name)(**kwargs)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "rotate_layer" not in name:  # the rotation stays pyreft's random orthogonal one
+                p.copy_(torch.randn_like(p) / EMBED**0.5)
+    return module
+
+
+@pytest.mark.parametrize(
+    "type_name",
+    [
+        "LoreftIntervention",
+        "NoreftIntervention",
+        "DireftIntervention",
+        "NodireftIntervention",
+        "ConsreftIntervention",
+        "LobireftIntervention",
+    ],
+)
+def test_every_pyreft_type_saved_by_pyreft_imports_with_pyrefts_outputs(tmp_path, type_name):
+    """pyreft saves a model with its own class at two layers; reft_ext's import computes the same
+    edit as each of pyreft's modules (fp32, ≤ 1e-5 relative) and the same logits."""
+    torch.manual_seed(0)
+    layers = [1, 2]
+    config = pyreft.ReftConfig(
+        representations=[
+            {
+                "layer": layer,
+                "component": "block_output",
+                "low_rank_dimension": RANK,
+                "intervention": _pyreft_intervention(type_name),
+            }
+            for layer in layers
+        ]
+    )
+    model = tiny_llama(hidden=EMBED, layers=4, vocab=64)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    theirs = pyreft.get_reft_model(model, config)
+    theirs.set_device("cpu")
+    theirs.save(str(tmp_path))
+
+    fresh = tiny_llama(hidden=EMBED, layers=4, vocab=64)
+    fresh.load_state_dict(base_state)
+    ours = load_pyreft_checkpoint(fresh, tmp_path, positions="f1+l1").eval()
+    assert ours.config.intervention == PYREFT_TYPES[type_name][0]
+    h = torch.randn(5, EMBED)
+    for key, intervention in theirs.interventions.items():
+        layer = int(key.split("_")[1])
+        (module,) = [m for k, m in ours.interventions.items() if k.startswith(f"layer{layer}_")]
+        pyreft_module = intervention[0] if isinstance(intervention, (tuple, list)) else intervention
+        expected = pyreft_module.eval()(h)
+        assert max_rel(module(h), expected) <= 1e-5
+        assert max_rel(module(h) - h, expected - h) <= 1e-5  # the edit itself, not only h
+
+    ids = torch.randint(0, 64, (2, 6))
+    locations = {"sources->base": (None, [[[0, 5], [0, 5]]] * len(layers))}
+    _, expected_logits = theirs({"input_ids": ids}, unit_locations=locations)
+    got = ours(input_ids=ids).logits
+    assert max_rel(got, expected_logits.logits) <= 1e-5

@@ -52,11 +52,16 @@ def max_rel(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
 
 
-def orth_error(Q):
-    """max |Q Qᵀ − I| in float64, for (r, d) or (k, r, d)."""
+def orth_errors(Q):
+    """max |Q Qᵀ − I| of each (r, d) matrix of Q (..., r, d), in float64: a (...) tensor."""
     Q = Q.detach().to(torch.float64)
     eye = torch.eye(Q.shape[-2], dtype=torch.float64, device=Q.device)
-    return (Q @ Q.mT - eye).abs().max().item()
+    return (Q @ Q.mT - eye).abs().amax(dim=(-2, -1))
+
+
+def orth_error(Q):
+    """max |Q Qᵀ − I| in float64 over every matrix of Q (..., r, d)."""
+    return orth_errors(Q).max().item()
 
 
 def qr_truth(R):

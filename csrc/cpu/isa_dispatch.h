@@ -3,8 +3,8 @@
 // The kernels are memory-bound only when their FMAs are wide, but the library must load on any
 // x86-64. Each kernel therefore has two entry points, one plain and one marked REFT_AVX2_FMA, whose
 // bodies force-inline the shared row math (REFT_HD / REFT_ROW_INLINE are always_inline on the
-// host), so each entry point compiles all of it for its own instruction set. kernel_variant picks
-// one.
+// host), so each entry point compiles all of it for its own instruction set. isa_variant<&f>()
+// builds both entry points of f and picks one.
 #pragma once
 
 #include <cstdlib>
@@ -37,6 +37,21 @@ Fn kernel_variant(Fn portable, [[maybe_unused]] Fn avx2) {
   if (has) return avx2;
 #endif
   return portable;
+}
+
+// The two entry points of Fn (a force-inlined function): the same body, compiled per ISA.
+template <auto Fn, typename Signature = decltype(Fn)>
+struct IsaEntries;
+template <auto Fn, typename Result, typename... Args>
+struct IsaEntries<Fn, Result (*)(Args...)> {
+  static Result portable(Args... args) { return Fn(args...); }
+  REFT_AVX2_FMA static Result avx2(Args... args) { return Fn(args...); }
+};
+
+// Fn's entry point for this CPU: isa_variant<&forward_rows<float>>()(args, begin, end).
+template <auto Fn>
+auto isa_variant() {
+  return kernel_variant(&IsaEntries<Fn>::portable, &IsaEntries<Fn>::avx2);
 }
 
 }  // namespace reft_ext

@@ -231,26 +231,6 @@ REFT_ROW_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, acc_t* parti
   for (; n < end; ++n) backward_block<1>(scratch, a, partial, n);
 }
 
-// Entry points compiled once per instruction set (isa_dispatch.h); the row loops inline into each.
-template <typename scalar_t>
-void forward_rows_portable(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  forward_rows(a, begin, end);
-}
-template <typename scalar_t>
-REFT_AVX2_FMA void forward_rows_avx2(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
-  forward_rows(a, begin, end);
-}
-template <typename scalar_t>
-void backward_rows_portable(const BackwardArgs<scalar_t>& a, acc_type<scalar_t>* partial,
-                            int64_t begin, int64_t end) {
-  backward_rows(a, partial, begin, end);
-}
-template <typename scalar_t>
-REFT_AVX2_FMA void backward_rows_avx2(const BackwardArgs<scalar_t>& a, acc_type<scalar_t>* partial,
-                                      int64_t begin, int64_t end) {
-  backward_rows(a, partial, begin, end);
-}
-
 std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
                                                             const at::Tensor& P,
                                                             const at::Tensor& Q,
@@ -261,8 +241,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
   auto z = at::empty({N, r}, P.options());
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto rows =
-        kernel_variant(&forward_rows_portable<scalar_t>, &forward_rows_avx2<scalar_t>);
+    const auto rows = isa_variant<&forward_rows<scalar_t>>();
     const ForwardArgs<scalar_t> args{h.const_data_ptr<scalar_t>(),
                                      P.const_data_ptr<acc_t>(),
                                      Q.const_data_ptr<acc_t>(),
@@ -293,8 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
   auto partials = at::zeros({want_params ? groups : 0, partial_size}, P.options());
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto rows =
-        kernel_variant(&backward_rows_portable<scalar_t>, &backward_rows_avx2<scalar_t>);
+    const auto rows = isa_variant<&backward_rows<scalar_t>>();
     const BackwardArgs<scalar_t> args{
         grad_out.const_data_ptr<scalar_t>(),
         h.const_data_ptr<scalar_t>(),

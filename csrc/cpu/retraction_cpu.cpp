@@ -15,16 +15,41 @@
 namespace reft_ext {
 namespace {
 
-// Entry points compiled once per instruction set (isa_dispatch.h).
+// retraction::retract_matrix's team on the CPU: one thread does everything, the d-long passes
+// vectorized along rows.
+struct SerialTeam {
+  REFT_HD bool leader() const { return true; }
+  REFT_HD void sync() const {}
+  REFT_HD bool share(bool value) const { return value; }
+  REFT_HD int64_t first() const { return 0; }
+  REFT_HD int64_t stride() const { return 1; }
+  template <typename acc_t>
+  REFT_HD acc_t max_abs(const acc_t* x, int64_t n) const {
+    return retraction::max_abs_strided(x, n, 0, 1);
+  }
+  template <typename acc_t>
+  REFT_HD void gram(const acc_t* R, acc_t* S, int64_t r, int64_t d) const {
+    retraction::gram_rows(R, S, r, d);
+  }
+  template <typename acc_t>
+  REFT_HD void solve_lower(const acc_t* L, acc_t* R, int64_t r, int64_t d) const {
+    // Column chunks whose r rows stay in L1 while every row of the chunk is solved.
+    constexpr int64_t kChunk = 256;
+    for (int64_t c = 0; c < d; c += kChunk) {
+      retraction::solve_lower_columns<1>(L, R, r, d, c, c + kChunk < d ? c + kChunk : d);
+    }
+  }
+  template <typename acc_t>
+  REFT_HD void apply_left(const acc_t* X, acc_t* R, acc_t* work, int64_t r, int64_t d) const {
+    retraction::apply_left_columns<1>(X, R, work, r, d, 0);
+    for (int64_t e = 0; e < r * d; ++e) R[e] = work[e];
+  }
+};
+
 template <typename acc_t>
-void retract_matrix_portable(acc_t* R, int64_t r, int64_t d, retraction::Method method, acc_t* work,
-                             acc_t* small) {
-  retraction::retract_matrix(R, r, d, method, work, small);
-}
-template <typename acc_t>
-REFT_AVX2_FMA void retract_matrix_avx2(acc_t* R, int64_t r, int64_t d, retraction::Method method,
-                                       acc_t* work, acc_t* small) {
-  retraction::retract_matrix(R, r, d, method, work, small);
+REFT_ROW_INLINE void retract_serial(acc_t* R, int64_t r, int64_t d, retraction::Method method,
+                                    acc_t* work, acc_t* small) {
+  retraction::retract_matrix(SerialTeam{}, R, r, d, method, work, small);
 }
 
 // Retracts the `batch` matrices (r×d each) at base, in parallel over matrices.
@@ -32,8 +57,7 @@ template <typename scalar_t>
 void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, retraction::Method method) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  const auto retract_one =
-      kernel_variant(&retract_matrix_portable<acc_t>, &retract_matrix_avx2<acc_t>);
+  const auto retract_one = isa_variant<&retract_serial<acc_t>>();
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> work(r * d), small(retraction::small_scratch_size(r));
     std::vector<acc_t> converted(kConvert ? r * d : 0);

@@ -1,7 +1,7 @@
-// CUDA implementation of the retraction op: one block per matrix of the batch, one launch.
-// The d-long passes (Gram matrix, triangular solve, polar apply) are split over the block's
-// threads; the r×r factorizations and the rare Householder fallback run on thread 0 with the
-// routines of csrc/retraction.h that the CPU back-end uses.
+// CUDA implementation of the retraction op: one block per matrix of the batch, one launch, running
+// the control flow of csrc/retraction.h that the CPU back-end runs. The d-long passes (Gram
+// matrix, triangular solve, polar apply) are split over the block's threads; the r×r
+// factorizations and the rare Householder fallback run on thread 0.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -57,56 +57,52 @@ __device__ acc_t block_max_abs(const acc_t* x, int64_t n) {
   return value;
 }
 
+// retraction::retract_matrix's team on CUDA: the block. Thread 0 leads; the d-long passes are
+// split over the threads (coalesced: neighbouring threads take neighbouring columns).
+struct BlockTeam {
+  int* flag;  // shared memory: share()'s value
+  __device__ bool leader() const { return threadIdx.x == 0; }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ bool share(bool value) const {
+    if (leader()) *flag = value;
+    __syncthreads();
+    const bool shared = *flag;
+    __syncthreads();  // every thread has read it before the leader can write the next one
+    return shared;
+  }
+  __device__ int64_t first() const { return threadIdx.x; }
+  __device__ int64_t stride() const { return kThreads; }
+  template <typename acc_t>
+  __device__ acc_t max_abs(const acc_t* x, int64_t n) const {
+    return block_max_abs(x, n);
+  }
+  template <typename acc_t>
+  __device__ void gram(const acc_t* R, acc_t* S, int64_t r, int64_t d) const {
+    block_gram(R, S, r, d);
+  }
+  template <typename acc_t>
+  __device__ void solve_lower(const acc_t* L, acc_t* R, int64_t r, int64_t d) const {
+    retraction::solve_lower_columns<kThreads>(L, R, r, d, threadIdx.x, d);
+  }
+  template <typename acc_t>
+  __device__ void apply_left(const acc_t* X, acc_t* R, acc_t* work, int64_t r, int64_t d) const {
+    retraction::apply_left_columns<kThreads>(X, R, work, r, d, threadIdx.x);
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < r * d; e += kThreads) R[e] = work[e];
+  }
+};
+
 // One block per matrix, so a few blocks per GPU: minBlocksPerSM = 1 lets ptxas keep the r×r
 // routines' state in registers (at its default budget it spilled on sm_80 and sm_90).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads, 1)
     retract_kernel(acc_t* values, acc_t* work_all, acc_t* small_all, int64_t r, int64_t d,
                    retraction::Method method) {
-  using namespace retraction;
-  __shared__ int ok;
+  __shared__ int flag;
   const int64_t b = blockIdx.x;
-  acc_t* R = values + b * r * d;
-  acc_t* work = work_all + b * r * d;
-  const SmallScratch<acc_t> scratch(small_all + b * small_scratch_size(r), r);
-  acc_t *S = scratch.S, *T = scratch.T, *tmp = scratch.tmp;
-  const bool polar = method == kPolar;
-  const bool leader = threadIdx.x == 0;
-  if (polar && leader) set_identity(T, r);
-  const acc_t max_abs = block_max_abs(R, r * d);
-  normalize_scale(R, r * d, max_abs, threadIdx.x, kThreads);
-  int passes = 0;
-  if (method != kQR) {
-    for (; passes < 2; ++passes) {
-      __syncthreads();
-      block_gram(R, S, r, d);
-      __syncthreads();
-      if (leader) {
-        ok = cholesky_lower(S, r, cholqr_min_pivot_ratio<acc_t>(passes));
-        if (ok && polar) multiply_into(T, S, tmp, r);
-      }
-      __syncthreads();
-      if (!ok) break;
-      solve_lower_columns<kThreads>(S, R, r, d, threadIdx.x, d);
-    }
-  }
-  __syncthreads();
-  if (passes < 2) {
-    if (leader) {
-      householder_rows(R, S, work, r, d);
-      if (polar) multiply_into(T, S, tmp, r);
-    }
-    __syncthreads();
-  }
-  if (polar) {
-    if (leader) ok = polar_small(T, tmp, r);
-    __syncthreads();
-    if (ok) {
-      apply_left_columns<kThreads>(T, R, work, r, d, threadIdx.x);
-      __syncthreads();
-      for (int64_t e = threadIdx.x; e < r * d; e += kThreads) R[e] = work[e];
-    }
-  }
+  retraction::retract_matrix(BlockTeam{&flag}, values + b * r * d, r, d, method,
+                             work_all + b * r * d,
+                             small_all + b * retraction::small_scratch_size(r));
 }
 
 void retract_cuda(at::Tensor& R, c10::string_view method_name) {

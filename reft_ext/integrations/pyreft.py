@@ -2,14 +2,17 @@
 
 A pyreft checkpoint directory holds ``config.json`` (pyvene's config: ``representations``,
 ``intervention_types``, ``sorted_keys``) and one ``intkey_<key>.bin`` per intervention (a torch
-pickle of its state dict). For LoReFT the state dict has ``weight`` (r, d) and ``bias`` (r,) of the
-learned source and ``rotate_layer`` (d, r) with orthonormal columns, so R = rotate_layer.T.
-Reading needs neither pyreft nor pyvene.
+pickle of its state dict). Every pyreft intervention type maps exactly onto one of reft_ext's
+(:data:`PYREFT_TYPES`, keyed into reft_ext.modules.INTERVENTIONS): pyreft's orthogonal
+``rotate_layer`` (embed_dim, rank) is R transposed, its ``learned_source`` is W and b (or b alone),
+and NoReFT's ``proj_layer`` is R with its bias folded into b. Reading needs neither pyreft nor
+pyvene.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,20 +24,97 @@ from ..hf.blocks import hidden_size
 
 # pyvene's RepresentationConfig fields, in the order config.json lists them.
 _LAYER, _COMPONENT, _UNIT, _MAX_UNITS, _RANK = range(5)
-_SUPPORTED_TYPES = {"LoreftIntervention"}
 _SUPPORTED_COMPONENTS = {"block_output"}
+_ROTATE = "rotate_layer.parametrizations.weight."  # torch's orthogonal parametrization's keys
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _need(state: Tensors, *keys: str) -> list[torch.Tensor]:
+    """``state``'s tensors at ``keys``; KeyError naming the missing ones."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise KeyError(f"lacks {missing} (has {sorted(state)})")
+    return [state[k] for k in keys]
+
+
+def _parametrized_rotation(state: Tensors) -> torch.Tensor:
+    """R (rank, embed_dim) from the state of pyreft's ``orthogonal(LowRankRotateLayer)``: torch's
+    parametrization (its ``original`` and ``base``) evaluated as pyreft reads ``weight``, then
+    transposed."""
+    original, base = _need(state, _ROTATE + "original", _ROTATE + "0.base")
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.empty_like(original, dtype=torch.float32))
+    nn.utils.parametrizations.orthogonal(holder, "weight")
+    holder.load_state_dict(
+        {"parametrizations.weight.original": original, "parametrizations.weight.0.base": base}
+    )
+    with torch.no_grad():
+        return holder.weight.T.contiguous()
+
+
+def _source(state: Tensors) -> Tensors:
+    """W and b from pyreft's ``learned_source`` ``nn.Linear(embed_dim, rank)``."""
+    W, b = _need(state, "learned_source.weight", "learned_source.bias")
+    return {"W": W, "b": b}
+
+
+def _loreft(state: Tensors) -> Tensors:
+    # LoreftIntervention's own state_dict: the Linear's weight and bias, and the rotation's weight.
+    weight, bias, rotation = _need(state, "weight", "bias", "rotate_layer")
+    return {"R": rotation.T, "W": weight, "b": bias}
+
+
+def _noreft(state: Tensors) -> Tensors:
+    # h + (W h + b − (P h + b_P)) P: R = P, and the projection's bias (add_bias) joins b.
+    (P,) = _need(state, "proj_layer.weight")
+    source = _source(state)
+    if "proj_layer.bias" in state:
+        source["b"] = source["b"] - state["proj_layer.bias"]
+    return {"R": P, **source}
+
+
+def _direft(state: Tensors) -> Tensors:
+    return {"R": _parametrized_rotation(state), **_source(state)}
+
+
+def _nodireft(state: Tensors) -> Tensors:
+    # h + (W h + b) P: DiReFT with R = P (proj_layer's bias is not used by pyreft's forward).
+    (P,) = _need(state, "proj_layer.weight")
+    return {"R": P, **_source(state)}
+
+
+def _constant_source(state: Tensors) -> Tensors:
+    # ConsReFT and LoBiReFT: the learned source is the (rank,) parameter b itself.
+    (b,) = _need(state, "learned_source")
+    return {"R": _parametrized_rotation(state), "b": b}
+
+
+#: pyreft intervention class -> (reft_ext.modules.INTERVENTIONS name, state dict -> R, W, b).
+PYREFT_TYPES: dict[str, tuple[str, Callable[[Tensors], Tensors]]] = {
+    "LoreftIntervention": ("loreft", _loreft),
+    "LoreftIntervention_IdentityInit": ("loreft", _loreft),  # only its initialization differs
+    "NoreftIntervention": ("noreft", _noreft),
+    "DireftIntervention": ("direft", _direft),
+    "NodireftIntervention": ("direft", _nodireft),
+    "ConsreftIntervention": ("consreft", _constant_source),
+    "LobireftIntervention": ("lobireft", _constant_source),
+}
 
 
 @dataclass
 class PyreftIntervention:
-    """One intervention of a pyreft checkpoint: where it sits and its state dict."""
+    """One intervention of a pyreft checkpoint: where it sits, its pyreft class, its reft_ext
+    registry name and its tensors in reft_ext's names (R (rank, d), W (rank, d) where the type has
+    one, b (rank,))."""
 
     key: str
     layer: int
     component: str
     rank: int
     type_name: str
-    state: dict[str, torch.Tensor]
+    intervention: str
+    tensors: Tensors
 
 
 def read_pyreft_checkpoint(directory: str | Path) -> list[PyreftIntervention]:
@@ -42,7 +122,8 @@ def read_pyreft_checkpoint(directory: str | Path) -> list[PyreftIntervention]:
 
     Raises:
         FileNotFoundError: a file is missing. ValueError: an intervention type or component that
-        reft_ext cannot represent (supported: LoreftIntervention at block_output).
+        reft_ext cannot represent (types: :data:`PYREFT_TYPES`; component: block_output), or an
+        ``intkey_<key>.bin`` without the tensors its type needs.
     """
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
@@ -57,10 +138,10 @@ def read_pyreft_checkpoint(directory: str | Path) -> list[PyreftIntervention]:
     result = []
     for key, representation, type_text in zip(keys, representations, types, strict=True):
         type_name = type_text.rsplit(".", 1)[-1].strip("'>")
-        if type_name not in _SUPPORTED_TYPES:
+        if type_name not in PYREFT_TYPES:
             raise ValueError(
                 f"pyreft intervention {key!r} has type {type_name!r}; reft_ext imports "
-                f"{sorted(_SUPPORTED_TYPES)}"
+                f"{sorted(PYREFT_TYPES)}"
             )
         component = representation[_COMPONENT]
         if component not in _SUPPORTED_COMPONENTS:
@@ -68,18 +149,25 @@ def read_pyreft_checkpoint(directory: str | Path) -> list[PyreftIntervention]:
                 f"pyreft intervention {key!r} sits at component {component!r}; reft_ext supports "
                 f"{sorted(_SUPPORTED_COMPONENTS)}"
             )
-        state = torch.load(directory / f"intkey_{key}.bin", map_location="cpu", weights_only=True)
-        missing = {"weight", "bias", "rotate_layer"} - set(state)
-        if missing:
-            raise ValueError(f"intkey_{key}.bin lacks LoReFT weights {sorted(missing)}")
+        path = directory / f"intkey_{key}.bin"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        name, convert = PYREFT_TYPES[type_name]
+        try:
+            tensors = convert(state)
+        except KeyError as error:
+            raise ValueError(f"{path} ({type_name}) {error.args[0]}") from None
+        rank = int(representation[_RANK])
+        width = tensors["R"].shape[-1]
+        for tensor_name, tensor in tensors.items():
+            expected = (rank,) if tensor_name == "b" else (rank, width)
+            if tuple(tensor.shape) != expected:
+                raise ValueError(
+                    f"{path} ({type_name}): {tensor_name} has shape {tuple(tensor.shape)}, "
+                    f"expected {expected} for low_rank_dimension={rank}"
+                )
         result.append(
             PyreftIntervention(
-                key,
-                int(representation[_LAYER]),
-                component,
-                int(representation[_RANK]),
-                type_name,
-                state,
+                key, int(representation[_LAYER]), component, rank, type_name, name, tensors
             )
         )
     return result
@@ -88,17 +176,19 @@ def read_pyreft_checkpoint(directory: str | Path) -> list[PyreftIntervention]:
 def load_pyreft_checkpoint(
     model: nn.Module, directory: str | Path, positions: str = "f1+l1"
 ) -> ReftModel:
-    """Attach the LoReFT interventions of a pyreft checkpoint to ``model``.
+    """Attach the interventions of a pyreft checkpoint to ``model``.
 
     Args:
         model: the base transformers model the checkpoint was trained on (hidden size checked).
-        directory: a folder written by pyreft's ``ReftModel.save``.
+        directory: a folder written by pyreft's ``ReftModel.save``, every intervention of one type
+            (:data:`PYREFT_TYPES`) and rank.
         positions: the positions string used in training (pyreft does not save it). With one
             intervention per layer the checkpoint is loaded with ``share_weights=True``; with two,
             the first is the ``first`` positions' intervention and the second the ``last``'s.
 
     Returns:
-        A :class:`reft_ext.ReftModel` with R = rotate_layer.T, W = weight, b = bias (float32).
+        A :class:`reft_ext.ReftModel` whose interventions (float32) compute pyreft's. pyreft's
+        ``act_fn`` is not saved in its checkpoint; the identity (its default) is assumed.
     """
     entries = read_pyreft_checkpoint(directory)
     if not entries:
@@ -114,7 +204,10 @@ def load_pyreft_checkpoint(
     ranks = {entry.rank for entry in entries}
     if len(ranks) != 1:
         raise ValueError(f"{directory}: interventions of different ranks {sorted(ranks)}")
-    width = entries[0].state["weight"].shape[1]
+    kinds = {entry.type_name for entry in entries}
+    if len(kinds) != 1:
+        raise ValueError(f"{directory}: interventions of different types {sorted(kinds)}")
+    width = entries[0].tensors["R"].shape[1]
     if width != hidden_size(model):
         raise ValueError(
             f"{directory} was trained on hidden size {width}; this model has {hidden_size(model)}"
@@ -122,6 +215,7 @@ def load_pyreft_checkpoint(
     config = ReftConfig(
         layers=sorted(by_layer),
         rank=ranks.pop(),
+        intervention=entries[0].intervention,
         positions=positions,
         share_weights=per_layer == {1},
     )
@@ -136,9 +230,8 @@ def load_pyreft_checkpoint(
                 )
             for group, entry in zip(groups, group_entries, strict=True):
                 module = reft_model.interventions[intervention_key(layer, group)]
-                module.R.copy_(entry.state["rotate_layer"].T)
-                module.W.copy_(entry.state["weight"])
-                module.b.copy_(entry.state["bias"])
+                for name, tensor in entry.tensors.items():
+                    getattr(module, name).copy_(tensor)
     return reft_model
 
 

@@ -90,8 +90,8 @@ MUTATIONS = {
     ),
     "unsynchronized-shared-write": (
         RETRACT,
-        "        if (ok && polar) multiply_into(T, S, tmp, r);\n      }\n      __syncthreads();\n",
-        "        if (ok && polar) multiply_into(T, S, tmp, r);\n      }\n",
+        "    if (leader()) *flag = value;\n    __syncthreads();\n",
+        "    if (leader()) *flag = value;\n",
         "tsan",
         ("retract", "sanitizer", "data race"),
     ),
