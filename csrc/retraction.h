@@ -62,36 +62,49 @@ REFT_HD acc_t cholqr_min_pivot_ratio(int pass) {
   return pass == 0 ? std::sqrt(unit_roundoff<acc_t>()) : acc_t(0.5);
 }
 
-// R ← 2^-e R with 2^e the power of two at or above max|R| (exact), when max|R| lies outside
+// 2^-e with 2^e the power of two just above |x| (x finite, nonzero), as two factors whose product
+// it is: a single 2^-e overflows when x is subnormal (e below -126 in float32, -1022 in float64).
+template <typename acc_t>
+REFT_HD void inverse_power_of_two(acc_t x, acc_t* first, acc_t* second) {
+  int exponent = 0;
+  std::frexp(x, &exponent);
+  *first = std::ldexp(acc_t(1), -exponent / 2);
+  *second = std::ldexp(acc_t(1), -exponent + exponent / 2);
+}
+
+// R ← 2^-e R with 2^e the power of two just above max|R| (exact), when max|R| lies outside
 // [2^-50, 2^50]: the Gram matrix and the Householder norms then neither overflow nor underflow (in
-// float32 too, for d up to 2^20). Inside that range, the common case, R is left as it is.
-// Orthonormal factors are scale-invariant.
+// float32 too, for d up to 2^20; subnormal R included). Inside that range, the common case, R is
+// left as it is. Orthonormal factors are scale-invariant.
 template <typename acc_t>
 REFT_HD void normalize_scale(acc_t* R, int64_t n, acc_t max_abs, int64_t begin, int64_t step) {
   const acc_t low = std::ldexp(acc_t(1), -50), high = std::ldexp(acc_t(1), 50);
   if (!(max_abs > acc_t(0)) || (max_abs >= low && max_abs <= high)) return;
-  int exponent = 0;
-  std::frexp(max_abs, &exponent);
-  const acc_t factor = std::ldexp(acc_t(1), -exponent);
-  for (int64_t e = begin; e < n; e += step) R[e] *= factor;
+  acc_t first, second;
+  inverse_power_of_two(max_abs, &first, &second);
+  for (int64_t e = begin; e < n; e += step) R[e] = R[e] * first * second;
 }
 
-// max |x[e]| over x[begin], x[begin + step], ... < n (x finite). Lane-wise compare-selects, which
-// the CPU compiler vectorizes (a scalar floating-point max reduction it would not).
+// The larger of a and b, NaN when either is NaN (std::fmax would drop it).
+template <typename acc_t>
+REFT_HD acc_t max_or_nan(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// max |x[e]| over x[begin], x[begin + step], ... < n; NaN when one of them is NaN. Lane-wise
+// compare-selects, which the CPU compiler vectorizes (a scalar floating-point max reduction it
+// would not).
 template <typename acc_t>
 REFT_HD acc_t max_abs_strided(const acc_t* x, int64_t n, int64_t begin, int64_t step) {
   constexpr int kLanes = 16;
   acc_t lanes[kLanes] = {};
   int64_t e = begin;
   for (; e + (kLanes - 1) * step < n; e += kLanes * step) {
-    for (int v = 0; v < kLanes; ++v) {
-      const acc_t value = std::fabs(x[e + v * step]);
-      lanes[v] = value > lanes[v] ? value : lanes[v];
-    }
+    for (int v = 0; v < kLanes; ++v) lanes[v] = max_or_nan(std::fabs(x[e + v * step]), lanes[v]);
   }
-  for (; e < n; e += step) lanes[0] = std::fabs(x[e]) > lanes[0] ? std::fabs(x[e]) : lanes[0];
+  for (; e < n; e += step) lanes[0] = max_or_nan(std::fabs(x[e]), lanes[0]);
   acc_t largest = 0;
-  for (int v = 0; v < kLanes; ++v) largest = lanes[v] > largest ? lanes[v] : largest;
+  for (int v = 0; v < kLanes; ++v) largest = max_or_nan(lanes[v], largest);
   return largest;
 }
 
@@ -244,6 +257,11 @@ REFT_HD bool polar_small(acc_t* X, acc_t* work, int64_t r) {
     largest = std::fmax(largest, std::fabs(X[i * r + i]));
   }
   if (!(smallest > std::sqrt(unit_roundoff<acc_t>()) * largest)) return false;
+  // polar(c X) = polar(X) for c > 0: X scaled to max|X_ii| ≈ 1 (exactly, by powers of two) keeps
+  // the scaling γ's ‖X⁻¹‖²/‖X‖² (the 4th power of X's scale) inside float32's range.
+  acc_t first, second;
+  inverse_power_of_two(largest, &first, &second);
+  for (int64_t e = 0; e < r * r; ++e) X[e] = X[e] * first * second;
   acc_t* A = work;
   acc_t* inv = work + r * r;
   const acc_t tolerance = acc_t(4) * static_cast<acc_t>(r) * unit_roundoff<acc_t>();
@@ -353,7 +371,16 @@ REFT_HD void retract_matrix(const Team& team, acc_t* R, int64_t r, int64_t d, Me
   const bool polar = method == kPolar;
   const bool leader = team.leader();
   if (polar && leader) set_identity(T, r);
-  normalize_scale(R, r * d, team.max_abs(R, r * d), team.first(), team.stride());
+  const acc_t max_abs = team.max_abs(R, r * d);
+  if (!std::isfinite(max_abs)) {
+    // NaN or Inf in R (reached with check_finite=False): no orthonormal matrix is meant, so the
+    // result says so, all NaN, instead of an unrelated valid-looking one.
+    for (int64_t e = team.first(); e < r * d; e += team.stride()) {
+      R[e] = acc_t(NAN);
+    }
+    return;
+  }
+  normalize_scale(R, r * d, max_abs, team.first(), team.stride());
   int passes = 0;
   if (method != kQR) {
     for (; passes < 2; ++passes) {

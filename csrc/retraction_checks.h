@@ -2,6 +2,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -10,12 +12,21 @@
 
 namespace reft_ext {
 
-// R: contiguous (r, d) or (k, r, d) floating tensor with 1 <= r <= d; method "cholqr2", "qr" or
-// "polar" (the names of reft_ext.retraction.METHODS), returned as a Method.
+// R: contiguous (r, d) or (k, r, d) floating tensor with 1 <= r <= d, writable in place here (not
+// a leaf that requires grad while grad mode is on, not an inference tensor outside inference
+// mode); method "cholqr2", "qr" or "polar" (the names of reft_ext.retraction.METHODS), returned as
+// a Method.
 inline retraction::Method check_retract_args(const at::Tensor& R, c10::string_view method) {
   TORCH_CHECK(R.dim() == 2 || R.dim() == 3, "R must have shape (r, d) or (k, r, d), got ",
               R.sizes());
   TORCH_CHECK(R.is_contiguous(), "R must be contiguous");
+  // The in-place rules torch's own ops follow (the op has no autograd formula to enforce them).
+  TORCH_CHECK(!(R.requires_grad() && R.is_leaf() && at::GradMode::is_enabled()),
+              "R is a leaf tensor that requires grad: retract it under torch.no_grad() (as an "
+              "optimizer step does; reft_ext.retract_ does this itself)");
+  TORCH_CHECK(!R.is_inference() || c10::InferenceMode::is_enabled(),
+              "R is an inference tensor: it can only be modified in place inside "
+              "torch.inference_mode()");
   TORCH_CHECK(is_supported_dtype(R.scalar_type()), "R must be ", kSupportedDtypeNames, ", got ",
               R.scalar_type());
   const int64_t r = R.size(-2), d = R.size(-1);

@@ -24,6 +24,9 @@ def _check_inputs(
         raise ValueError(f"{op}: h must be {SUPPORTED_NAMES}, got {h.dtype}")
     if h.dim() < 1:
         raise ValueError(f"{op}: h must have shape (..., d), got a 0-d tensor")
+    for name, t in {"h": h, **factors, "b": b}.items():
+        if t.layout != torch.strided:
+            raise ValueError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
     d = h.shape[-1]
     first = next(iter(factors.values()))
     rank = first.shape[0] if first.dim() == 2 else None
@@ -46,7 +49,7 @@ def _check_inputs(
 def _edit(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Run the fused op on h viewed as rows; P, Q, b already validated."""
     acc = accumulation_dtype(h.dtype)
-    rows = h.reshape(-1, h.shape[-1]).contiguous()
+    rows = h.reshape(h.shape[:-1].numel(), h.shape[-1]).contiguous()  # (-1, 0) would be ambiguous
     out, _ = torch.ops.reft_ext.lowrank_edit_forward(
         rows, P.to(acc).contiguous(), Q.to(acc).contiguous(), b.to(acc).contiguous()
     )

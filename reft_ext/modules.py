@@ -56,7 +56,11 @@ class _Intervention(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        if not (isinstance(embed_dim, int) and isinstance(rank, int) and 1 <= rank <= embed_dim):
+
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not (is_int(embed_dim) and is_int(rank) and 1 <= rank <= embed_dim):
             raise ValueError(
                 f"{name}: need integers 1 <= rank <= embed_dim, got rank={rank!r}, "
                 f"embed_dim={embed_dim!r}"

@@ -27,8 +27,17 @@ def cuda_available() -> bool:
 # lowrank_edit_forward -----------------------------------------------------------------------------
 
 
+def _check_same_device(op: str, rows: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """The device check of the C++ kernels, for the fakes: a meta tensor mixed with real ones
+    dispatches here (Meta wins), and an unchecked fake would hand back uninitialized memory."""
+    for name, t in tensors.items():
+        if t.device != rows.device:
+            raise ValueError(f"{op}: {name} must be on h's device ({rows.device}), got {t.device}")
+
+
 @torch.library.register_fake("reft_ext::lowrank_edit_forward")
 def _lowrank_edit_forward_fake(h, P, Q, b):
+    _check_same_device("lowrank_edit_forward", h, P=P, Q=Q, b=b)
     return torch.empty_like(h), h.new_empty((h.shape[0], P.shape[0]), dtype=P.dtype)
 
 
@@ -90,6 +99,8 @@ class _FirstOrderOnly(torch.autograd.Function):
 
 @torch.library.register_fake("reft_ext::lowrank_edit_backward")
 def _lowrank_edit_backward_fake(grad_out, h, P, Q, z, output_mask):
+    _check_same_device("lowrank_edit_backward", h, grad_out=grad_out, P=P, Q=Q, z=z)
+
     def shaped(like, wanted, shape):
         return like.new_empty(shape if wanted else (0,))
 

@@ -16,6 +16,18 @@ from .dtypes import SUPPORTED_DTYPES, SUPPORTED_NAMES, accumulation_dtype
 METHODS = ("cholqr2", "qr", "polar")
 
 
+def _shares_memory(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` are one memory location (expanded or overlapping strides)."""
+    status = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: too hard to tell cheaply
+    if status != 2:
+        return status == 1
+    span = (
+        t.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    )
+    where = torch.arange(span, device=t.device).as_strided(t.shape, t.stride(), t.storage_offset())
+    return where.unique().numel() < t.numel()
+
+
 def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True) -> torch.Tensor:
     """Orthonormalize the rows of R in place and return R.
 
@@ -28,6 +40,8 @@ def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True
             Rank-deficient input falls back to Householder QR, which still returns orthonormal
             rows (polar then returns that QR factor: the closest matrix is not unique).
         check_finite: raise ValueError when R holds NaN or Inf (costs one device sync on CUDA).
+            With ``check_finite=False`` a matrix holding NaN or Inf comes back all NaN (never an
+            unrelated orthonormal matrix).
 
     Returns:
         R, modified in place. Not differentiable (an update applied outside autograd).
@@ -42,6 +56,11 @@ def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True
         raise ValueError(
             "retract_: R must have shape (r, d) or (k, r, d) with 1 <= r <= d, "
             f"got {tuple(R.shape)}"
+        )
+    if _shares_memory(R):
+        raise ValueError(
+            "retract_: R has elements that share memory (expanded or overlapping as_strided), so "
+            "its matrices cannot be orthonormalized in place; pass R.clone()"
         )
     if check_finite and not bool(torch.isfinite(R).all()):
         raise ValueError("retract_: R contains NaN or Inf; cannot orthonormalize it")

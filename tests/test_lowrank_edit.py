@@ -604,6 +604,9 @@ BAD_INPUTS = {
     "A-fp64-with-fp32-h": ({"A": torch.randn(RB, DB, dtype=torch.float64)}, ValueError, "A"),
     "B-fp64-with-fp32-h": ({"B": torch.randn(RB, DB, dtype=torch.float64)}, ValueError, "B"),
     "b-fp64-with-fp32-h": ({"b": torch.randn(RB, dtype=torch.float64)}, ValueError, "b"),
+    "h-sparse": ({"h": torch.randn(4, DB).to_sparse()}, ValueError, "h"),
+    "A-sparse": ({"A": torch.randn(RB, DB).to_sparse()}, ValueError, "A"),
+    "A-meta": ({"A": torch.randn(RB, DB, device="meta")}, ValueError, "A"),
     "A-bf16-with-fp16-h": (
         {"h": torch.randn(4, DB).half(), "A": torch.randn(RB, DB).bfloat16()},
         ValueError,
@@ -694,6 +697,48 @@ def test_raw_backward_bad_inputs(case):
         torch.ops.reft_ext.lowrank_edit_backward(
             args["grad_out"], args["h"], args["P"], args["Q"], args["z"], ALL_GRADS
         )
+
+
+@pytest.mark.parametrize("meta", ["P", "Q", "b"])
+def test_raw_forward_refuses_a_meta_tensor_beside_cpu_ones(meta):
+    """A meta tensor among CPU ones dispatches to the fake kernel; it used to return
+    uninitialized memory as the result."""
+    args = _raw_good()
+    args[meta] = args[meta].to("meta")
+    with pytest.raises(ValueError, match=rf"{meta} must be on h's device \(cpu\), got meta"):
+        torch.ops.reft_ext.lowrank_edit_forward(args["h"], args["P"], args["Q"], args["b"])
+
+
+@pytest.mark.parametrize("meta", ["grad_out", "z", "P"])
+def test_raw_backward_refuses_a_meta_tensor_beside_cpu_ones(meta):
+    good = _raw_good()
+    _, z = torch.ops.reft_ext.lowrank_edit_forward(good["h"], good["P"], good["Q"], good["b"])
+    args = {**good, "z": z, "grad_out": torch.randn(4, DB)}
+    args[meta] = args[meta].to("meta")
+    with pytest.raises(ValueError, match=rf"{meta} must be on h's device \(cpu\), got meta"):
+        torch.ops.reft_ext.lowrank_edit_backward(
+            args["grad_out"], args["h"], args["P"], args["Q"], args["z"], ALL_GRADS
+        )
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (2, 5, 0), (0, 0)])
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_empty_feature_dimension_is_the_identity(device, op, shape):
+    """d = 0: nothing to edit; the output is h (empty) and the gradients are the float64 truth's
+    (b's is zero: the back-projection has no columns)."""
+    fn, truth = OPS[op][0], OPS[op][1]
+    h = torch.randn(shape, device=device, requires_grad=True)
+    A, B = (torch.randn(2, 0, device=device, requires_grad=True) for _ in range(2))
+    b = torch.randn(2, device=device, requires_grad=True)
+    out = fn(h, A, B, b)
+    assert out.shape == shape
+    grads = torch.autograd.grad(out.sum(), (h, A, B, b))
+    leaves = [t.detach().double().requires_grad_() for t in (h, A, B, b)]
+    wanted = torch.autograd.grad(
+        truth(*leaves).sum(), leaves, allow_unused=True, materialize_grads=True
+    )
+    for got, want in zip(grads, wanted, strict=True):
+        assert got.shape == want.shape and torch.equal(got.double(), want)
 
 
 def test_hessian_raises_instead_of_silent_zeros():

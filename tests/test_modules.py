@@ -282,6 +282,8 @@ def test_parametrization_is_not_marked():
         ((8, 9), {}, "rank"),
         ((8, 0), {}, "rank"),
         ((8.0, 2), {}, "rank"),
+        ((4, True), {}, "rank=True"),  # a bool is an int to isinstance
+        ((True, 1), {}, "embed_dim=True"),
         ((8, 2), {"dropout": 1.0}, "dropout"),
         ((8, 2), {"dropout": -0.1}, "dropout"),
         ((8, 2), {"orthogonality": "cayley"}, "orthogonality"),

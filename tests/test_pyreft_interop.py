@@ -36,32 +36,40 @@ def test_same_outputs_and_keys_as_pyreft_loreft():
     assert max_rel(ours(h), expected) <= 1e-5
 
 
+LAYERS = [1, 2]
+# First and last token of every row, at each intervened layer (pyvene's unit_locations).
+LOCATIONS = {"sources->base": (None, [[[0, 5], [0, 5]]] * len(LAYERS))}
+
+
+def _pyreft_model(model, make_intervention):
+    """pyreft's ReftModel around ``model``: one intervention per layer of LAYERS, block output."""
+    representations = [
+        {
+            "layer": layer,
+            "component": "block_output",
+            "low_rank_dimension": RANK,
+            "intervention": make_intervention(),
+        }
+        for layer in LAYERS
+    ]
+    reft_model = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=representations))
+    reft_model.set_device("cpu")
+    return reft_model
+
+
 def test_pyreft_training_save_and_load_with_our_class(tmp_path):
     """pyreft's ReftModel trains with our class, saves, reloads, and reft_ext imports the save."""
     model = tiny_llama(hidden=EMBED, layers=4, vocab=64)
-    layers = [1, 2]
-    config = pyreft.ReftConfig(
-        representations=[
-            {
-                "layer": layer,
-                "component": "block_output",
-                "low_rank_dimension": RANK,
-                "intervention": LoreftIntervention(
-                    embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32
-                ),
-            }
-            for layer in layers
-        ]
+    reft_model = _pyreft_model(
+        model,
+        lambda: LoreftIntervention(embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32),
     )
-    reft_model = pyreft.get_reft_model(model, config)
-    reft_model.set_device("cpu")
     ids = torch.randint(0, 64, (2, 6))
-    locations = {"sources->base": (None, [[[0, 5], [0, 5]]] * len(layers))}
     params = [p for p in reft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
     for _ in range(3):
-        _, out = reft_model({"input_ids": ids}, unit_locations=locations, labels=ids)
+        _, out = reft_model({"input_ids": ids}, unit_locations=LOCATIONS, labels=ids)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -165,22 +173,9 @@ def test_every_pyreft_type_saved_by_pyreft_imports_with_pyrefts_outputs(tmp_path
     """pyreft saves a model with its own class at two layers; reft_ext's import computes the same
     edit as each of pyreft's modules (fp32, ≤ 1e-5 relative) and the same logits."""
     torch.manual_seed(0)
-    layers = [1, 2]
-    config = pyreft.ReftConfig(
-        representations=[
-            {
-                "layer": layer,
-                "component": "block_output",
-                "low_rank_dimension": RANK,
-                "intervention": _pyreft_intervention(type_name),
-            }
-            for layer in layers
-        ]
-    )
     model = tiny_llama(hidden=EMBED, layers=4, vocab=64)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    theirs = pyreft.get_reft_model(model, config)
-    theirs.set_device("cpu")
+    theirs = _pyreft_model(model, lambda: _pyreft_intervention(type_name))
     theirs.save(str(tmp_path))
 
     fresh = tiny_llama(hidden=EMBED, layers=4, vocab=64)
@@ -197,7 +192,6 @@ def test_every_pyreft_type_saved_by_pyreft_imports_with_pyrefts_outputs(tmp_path
         assert max_rel(module(h) - h, expected - h) <= 1e-5  # the edit itself, not only h
 
     ids = torch.randint(0, 64, (2, 6))
-    locations = {"sources->base": (None, [[[0, 5], [0, 5]]] * len(layers))}
-    _, expected_logits = theirs({"input_ids": ids}, unit_locations=locations)
+    _, expected_logits = theirs({"input_ids": ids}, unit_locations=LOCATIONS)
     got = ours(input_ids=ids).logits
     assert max_rel(got, expected_logits.logits) <= 1e-5

@@ -661,3 +661,102 @@ def test_keep_orthonormal_low_precision_params(device):
         opt.step()
         assert model.R.dtype == torch.bfloat16
         assert orth_error(model.R) <= ORTH_TOL[torch.bfloat16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Extreme values and in-place rules (issue 12)
+
+
+# Scales where the result used to be non-finite or not the closest matrix: float32 subnormal, the
+# ranges where polar's scaling overflowed (1e-15..1e-10, 1e11..1e15), float64 subnormal.
+EXTREME_SCALES = {
+    torch.float32: [1e-40, 1e-42, 1e-12, 1e13, 1e30],
+    torch.bfloat16: [1e-40, 1e30],
+    torch.float64: [1e-310, 1e-200, 1e200],
+}
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(dt, s) for dt, scales in EXTREME_SCALES.items() for s in scales]
+)
+@pytest.mark.parametrize("shape", [(1, 7), (3, 7), (2, 4, 33)])
+@pytest.mark.parametrize("method", METHODS)
+def test_extreme_scales_match_the_float64_truth(device, method, shape, dtype, scale):
+    """The truth is taken from the input as stored (a subnormal keeps only a few bits), in
+    float64, where these scales are harmless for torch.linalg."""
+    R0 = (rand(shape, torch.float64, device) * scale).to(dtype)
+    assert R0.abs().max() > 0  # not flushed to zero
+    stored = R0.double() / R0.double().abs().max()  # exact: the truth of a rescaled input
+    truth = polar_truth(stored) if method == "polar" else qr_truth(stored)
+    out = reft_ext.retract_(R0.clone(), method)
+    assert torch.isfinite(out).all()
+    assert orth_error(out) <= ORTH_TOL[dtype]
+    assert max_rel(out, truth) <= 10 * MATCH_TOL[dtype]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_matrix_comes_back_all_nan_without_the_check(device, method, bad):
+    """With check_finite=False a matrix holding NaN or Inf becomes all NaN (the others of the
+    batch are retracted as usual); with the check, a ValueError."""
+    R0 = rand((3, 4, 20), torch.float32, device)
+    R0[1, 2, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        reft_ext.retract_(R0.clone(), method)
+    out = reft_ext.retract_(R0.clone(), method, check_finite=False)
+    assert torch.isnan(out[1]).all()
+    for i in (0, 2):
+        truth = polar_truth(R0[i]) if method == "polar" else qr_truth(R0[i])
+        assert max_rel(out[i], truth) <= MATCH_TOL[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(1, 4, 8).expand(3, 4, 8),  # stride 0
+        lambda: torch.randn(40).as_strided((3, 4, 8), (4, 8, 1)),  # matrices overlap
+        lambda: torch.randn(4, 1).expand(4, 6),  # rows share memory
+    ],
+    ids=["expanded-batch", "overlapping-as-strided", "expanded-columns"],
+)
+def test_r_whose_elements_share_memory_is_refused(make):
+    R = make()
+    before = R.clone()
+    with pytest.raises(ValueError, match="R has elements that share memory"):
+        reft_ext.retract_(R)
+    assert torch.equal(R, before)  # untouched
+
+
+def test_non_overlapping_strided_r_is_retracted_in_place():
+    """A layout the overlap check cannot decide cheaply, but which does not overlap."""
+    storage = torch.randn(200, dtype=torch.float64)
+    R = storage.as_strided((2, 3, 8), (50, 9, 1))
+    truth = qr_truth(R.clone())
+    assert reft_ext.retract_(R) is R
+    assert max_rel(R, truth) <= MATCH_TOL[torch.float64]
+    assert max_rel(storage.as_strided((2, 3, 8), (50, 9, 1)), truth) <= MATCH_TOL[torch.float64]
+
+
+def test_raw_op_refuses_a_leaf_that_requires_grad_outside_no_grad(device):
+    R = torch.randn(3, 7, requires_grad=True)
+    before = R.detach().clone()
+    with pytest.raises(RuntimeError, match="R is a leaf tensor that requires grad"):
+        torch.ops.reft_ext.retract_(R, "cholqr2")
+    assert torch.equal(R.detach(), before)
+    with torch.no_grad():
+        torch.ops.reft_ext.retract_(R, "cholqr2")
+    assert max_rel(R, qr_truth(before)) <= MATCH_TOL[torch.float32]
+    reft_ext.retract_(R)  # the wrapper retracts under no_grad itself
+
+
+def test_inference_tensor_is_retracted_only_in_inference_mode(device):
+    with torch.inference_mode():
+        R = torch.randn(3, 7)
+    before = R.clone()
+    for retract in (lambda: reft_ext.retract_(R), lambda: torch.ops.reft_ext.retract_(R, "qr")):
+        with pytest.raises(RuntimeError, match="R is an inference tensor"):
+            retract()
+    assert torch.equal(R, before)
+    with torch.inference_mode():
+        reft_ext.retract_(R)
+    assert max_rel(R, qr_truth(before)) <= MATCH_TOL[torch.float32]

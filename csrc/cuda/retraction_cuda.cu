@@ -41,19 +41,19 @@ __device__ void block_gram(const acc_t* R, acc_t* S, int64_t r, int64_t d) {
   }
 }
 
-// max |x[e]| over n values, returned to every thread of the block.
+// max |x[e]| over n values (NaN if one is NaN), returned to every thread of the block.
 template <typename acc_t>
 __device__ acc_t block_max_abs(const acc_t* x, int64_t n) {
   __shared__ acc_t warp_max[kWarps];
   acc_t value = retraction::max_abs_strided(x, n, threadIdx.x, kThreads);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
-    value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    value = retraction::max_or_nan(value, __shfl_xor_sync(0xffffffffu, value, offset));
   }
   if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = value;
   __syncthreads();
   value = 0;
-  for (int w = 0; w < kWarps; ++w) value = fmax(value, warp_max[w]);
+  for (int w = 0; w < kWarps; ++w) value = retraction::max_or_nan(value, warp_max[w]);
   return value;
 }
 
