@@ -181,7 +181,7 @@ def test_every_pyreft_type_saved_by_pyreft_imports_with_pyrefts_outputs(tmp_path
     fresh = tiny_llama(hidden=EMBED, layers=4, vocab=64)
     fresh.load_state_dict(base_state)
     ours = load_pyreft_checkpoint(fresh, tmp_path, positions="f1+l1").eval()
-    assert ours.config.intervention == PYREFT_TYPES[type_name][0]
+    assert ours.reft_config.intervention == PYREFT_TYPES[type_name][0]
     h = torch.randn(5, EMBED)
     for key, intervention in theirs.interventions.items():
         layer = int(key.split("_")[1])
