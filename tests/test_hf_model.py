@@ -466,11 +466,15 @@ def test_adapter_and_base_model_share_a_folder(tmp_path):
         assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, want)
 
 
-def _damage(directory, edit_state=None, edit_meta=None, remove=None):
+def _damage(directory, edit_state=None, edit_meta=None, remove=None, edit_bytes=None):
     from safetensors.torch import load_file, save_file
 
     if remove:
         (directory / remove).unlink()
+        return
+    if edit_bytes:
+        name, edit = edit_bytes
+        (directory / name).write_bytes(edit((directory / name).read_bytes()))
         return
     if edit_meta:
         meta = json.loads((directory / "reft_config.json").read_text())
@@ -516,6 +520,31 @@ DAMAGED = {
         ValueError,
         "reft_config.json: key 'reft_config': rank must be an int >= 1",
     ),
+    "truncated-weights": (
+        dict(edit_bytes=("reft_model.safetensors", lambda b: b[: len(b) // 2])),
+        ValueError,
+        "reft_model.safetensors: not a readable safetensors file",
+    ),
+    "empty-weights": (
+        dict(edit_bytes=("reft_model.safetensors", lambda b: b"")),
+        ValueError,
+        "reft_model.safetensors: not a readable safetensors file",
+    ),
+    "corrupted-weights-header": (
+        dict(edit_bytes=("reft_model.safetensors", lambda b: b[:8] + b"{garbage" + b[16:])),
+        ValueError,
+        "reft_model.safetensors: not a readable safetensors file",
+    ),
+    "config-not-json": (
+        dict(edit_bytes=("reft_config.json", lambda b: b[:-10])),
+        ValueError,
+        "reft_config.json: not valid JSON",
+    ),
+    "config-not-an-object": (
+        dict(edit_bytes=("reft_config.json", lambda b: b"[1, 2]")),
+        ValueError,
+        "reft_config.json: expected a JSON object, got list",
+    ),
     "unknown-config-field": (
         dict(edit_meta=lambda m: m["reft_config"].update(alpha=1)),
         ValueError,
@@ -529,8 +558,12 @@ def test_from_pretrained_names_the_file_and_key_of_a_damaged_folder(tmp_path, ca
     damage, error, message = DAMAGED[case]
     get_reft_model(tiny_llama(), ReftConfig(layers=[0], rank=2)).save_pretrained(tmp_path)
     _damage(tmp_path, **damage)
+    model = tiny_llama()
     with pytest.raises(error, match=re.escape(message)):
-        ReftModel.from_pretrained(tiny_llama(), tmp_path)
+        ReftModel.from_pretrained(model, tmp_path)
+    # A failed load leaves no hook behind: the model still computes its own logits.
+    ids = torch.randint(3, VOCAB, (1, 5))
+    assert torch.equal(model(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits)
 
 
 def test_config_fields_carry_help_text():
@@ -739,6 +772,65 @@ def test_explicit_locations_formats_and_validation():
     shared.unload()
     with pytest.raises(TypeError, match="keyword"):
         shared(ids)
+
+
+def test_explicit_locations_refuse_a_repeated_position():
+    """[[1, 1]] used to give [[1]]'s logits but doubled parameter gradients."""
+    model = tiny_llama()
+    reft = get_reft_model(model, ReftConfig(layers=[0], rank=2, share_weights=True))
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with pytest.raises(ValueError, match=r"repeat a position in row 1 of group 'shared'"):
+        reft(input_ids=ids, intervention_locations=torch.tensor([[0, 4], [1, 1]]))
+    # -1 (no edit) may repeat, and equals the location list without it.
+    padded = reft(input_ids=ids, intervention_locations=torch.tensor([[0, -1, -1], [1, -1, -1]]))
+    plain = reft(input_ids=ids, intervention_locations=torch.tensor([[0], [1]]))
+    assert torch.equal(padded.logits, plain.logits)
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]), r"attention_mask row 0 has padding between"),
+        (torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1]]), r"attention_mask row 1 has padding between"),
+        (torch.ones(2, 5, dtype=torch.long), r"shape \(batch, length\) = \(2, 4\)"),
+        (torch.ones(3, 4, dtype=torch.long), r"shape \(batch, length\) = \(2, 4\)"),
+        (torch.zeros(2, 1, 4, 4), r"shape \(batch, length\) = \(2, 4\).*got \(2, 1, 4, 4\)"),
+        (torch.tensor([[1, 1, 2, 1], [1, 1, 1, 1]]), "only 0 \\(padding\\) and 1"),
+        (torch.tensor([[1.0, 1.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0]]), "only 0 \\(padding\\) and 1"),
+    ],
+    ids=["hole", "hole-second-row", "longer", "wrong-batch", "4d-additive", "a-two", "a-half"],
+)
+def test_masks_the_positions_cannot_use_are_refused(mask, message):
+    reft = get_reft_model(tiny_llama(), ReftConfig(layers=[0], rank=2))
+    ids = torch.randint(3, VOCAB, (2, 4))
+    with pytest.raises(ValueError, match=message):
+        reft(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=message):
+        reft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_mask_with_an_all_padding_row_and_bool_masks_are_accepted():
+    """Left and right padding (bool or 0/1), and a row with no real token, stay valid."""
+    reft = get_reft_model(tiny_llama(), ReftConfig(layers=[0], rank=2))
+    ids = torch.randint(3, VOCAB, (3, 4))
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
+    as_ints = reft(input_ids=ids, attention_mask=mask).logits
+    as_bools = reft(input_ids=ids, attention_mask=mask.bool()).logits
+    assert torch.equal(as_ints, as_bools)
+
+
+def test_generate_without_the_cache_is_refused():
+    """use_cache=False used to generate other tokens than the cached run, silently."""
+    model = tiny_llama()
+    reft = get_reft_model(model, ReftConfig(layers=[0], rank=2))
+    ids = torch.randint(3, VOCAB, (1, 4))
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        reft.generate(input_ids=ids, max_new_tokens=3, use_cache=False)
+    model.generation_config.use_cache = False
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        reft.generate(input_ids=ids, max_new_tokens=3)
+    out = reft.generate(input_ids=ids, max_new_tokens=3, use_cache=True, do_sample=False)
+    assert out.shape == (1, 7)
 
 
 # ---- 12: configs -------------------------------------------------------------------------------

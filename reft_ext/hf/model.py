@@ -224,6 +224,16 @@ class ReftModel(nn.Module):
         """
         if intervene_on not in ("prompt", "all"):
             raise ValueError(f"intervene_on must be 'prompt' or 'all', got {intervene_on!r}")
+        generation_config = kwargs.get("generation_config") or getattr(
+            self.model, "generation_config", None
+        )
+        if not kwargs.get("use_cache", getattr(generation_config, "use_cache", True)):
+            # Without the cache every pass re-runs the whole sequence, and the prompt's edits
+            # (placed on the first pass only) would be missing from the later ones.
+            raise ValueError(
+                "ReftModel.generate needs use_cache=True (the default): its edits are placed on "
+                "the prompt pass and, with intervene_on='all', on each single-token pass"
+            )
         self._check_not_unloaded()
         locations = self._compute_locations(kwargs, intervention_locations)
         decode = None
@@ -337,7 +347,12 @@ class ReftModel(nn.Module):
                     f"{path} not found: from_pretrained reads the {CONFIG_NAME} and "
                     f"{WEIGHTS_NAME} that ReftModel.save_pretrained writes"
                 )
-        meta = json.loads(config_path.read_text())
+        try:
+            meta = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_path}: not valid JSON ({error})") from error
+        if not isinstance(meta, dict):
+            raise ValueError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
         for key in ("reft_config", "hidden_size", "num_blocks"):
             if key not in meta:
                 raise ValueError(f"{config_path}: key {key!r} is missing")
@@ -355,10 +370,24 @@ class ReftModel(nn.Module):
                     f"{config_path}: {key} is {saved}, this model's is {actual} (the adapter was "
                     "saved for another model)"
                 )
-        reft_model = cls(model, config)
         target = torch.device(device) if device is not None else next(model.parameters()).device
-        state = load_file(str(weights_path), device=str(target))
-        expected = reft_model.interventions.state_dict()
+        try:
+            state = load_file(str(weights_path), device=str(target))
+        except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
+            raise ValueError(
+                f"{weights_path}: not a readable safetensors file ({type(error).__name__}: {error})"
+            ) from error
+        reft_model = cls(model, config)
+        try:
+            reft_model._load_interventions(state, weights_path, target)
+        except ValueError:
+            reft_model.unload()  # a failed load leaves the user's model without our hooks
+            raise
+        return reft_model
+
+    def _load_interventions(self, state: dict, weights_path: Path, target: torch.device) -> None:
+        """Check ``state`` (read from ``weights_path``) against the interventions and load it."""
+        expected = self.interventions.state_dict()
         missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unknown:
             raise ValueError(
@@ -371,9 +400,8 @@ class ReftModel(nn.Module):
                     f"{weights_path}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
                     f"needs {tuple(expected[key].shape)}"
                 )
-        reft_model.interventions.to(target)
-        reft_model.interventions.load_state_dict(state)
-        return reft_model
+        self.interventions.to(target)
+        self.interventions.load_state_dict(state)
 
 
 def get_reft_model(model: nn.Module, config: ReftConfig) -> ReftModel:
