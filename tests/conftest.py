@@ -81,3 +81,13 @@ def random_inputs(shape, r, dtype, param_dtype=None, device="cpu", requires_grad
 def make_inputs():
     """The :func:`random_inputs` factory."""
     return random_inputs
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's tally (tests/fuzz/fuzzing.py), when it ran."""
+    import sys
+
+    fuzzing = sys.modules.get("fuzzing")
+    if fuzzing is not None and fuzzing.TALLY:
+        terminalreporter.write_sep("-", "fuzz suite: cases per category and outcome")
+        terminalreporter.write_line(fuzzing.write_report())

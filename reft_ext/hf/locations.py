@@ -28,7 +28,7 @@ def default_locations(
         starts = torch.zeros(batch, dtype=torch.long, device=device)
         counts = torch.full((batch,), length, dtype=torch.long, device=device)
     else:
-        mask = _checked_mask(attention_mask, batch, length).to(device=device, dtype=torch.long)
+        mask = checked_mask(attention_mask, batch, length).to(device=device, dtype=torch.long)
         counts = mask.sum(dim=1)
         starts = torch.where(counts > 0, mask.argmax(dim=1), torch.zeros_like(counts))
         ends = length - mask.flip(1).argmax(dim=1)  # one past each row's last real token
@@ -54,7 +54,7 @@ def default_locations(
     return {group: by_group[group] for group in groups}
 
 
-def _checked_mask(attention_mask, batch: int, length: int) -> torch.Tensor:
+def checked_mask(attention_mask, batch: int, length: int) -> torch.Tensor:
     """``attention_mask`` if it is a (batch, length) mask of 0s and 1s; else ValueError."""
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")

@@ -17,7 +17,7 @@ from ..retraction import keep_orthonormal
 from .blocks import block_hidden, find_blocks, hidden_size
 from .config import Positions, ReftConfig, intervention_key
 from .edit import edit_rows_
-from .locations import default_locations, explicit_locations
+from .locations import checked_mask, default_locations, explicit_locations
 
 #: File names of a saved adapter, distinct from the base model's (``config.json``,
 #: ``model.safetensors``) so that both can live in one folder.
@@ -178,6 +178,8 @@ class ReftModel(nn.Module):
         if reference is None:
             raise ValueError("ReftModel needs input_ids or inputs_embeds to place interventions")
         batch, length = reference.shape[0], reference.shape[1]
+        if kwargs.get("attention_mask") is not None:  # a mask that does not fit fails here, clearly
+            checked_mask(kwargs["attention_mask"], batch, length)
         if intervention_locations is not None:
             return explicit_locations(
                 intervention_locations, self._groups, self.layers, batch, length
