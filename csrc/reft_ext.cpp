@@ -13,5 +13,5 @@ TORCH_LIBRARY(reft_ext, m) {
       "bool[4] output_mask) -> (Tensor grad_h, Tensor grad_P, Tensor grad_Q, Tensor grad_b)");
   // Orthonormalizes the rows of R (r, d) or of each R[i] (k, r, d) in place. method: "cholqr2",
   // "qr" or "polar" (csrc/retraction.h).
-  m.def("retract_(Tensor(a!) R, str method) -> ()");
+  m.def("retract_(Tensor(a!) R, str method, bool check_finite=False) -> ()");
 }

@@ -363,9 +363,14 @@ REFT_HD int64_t small_scratch_size(int64_t r) { return 4 * r * r; }
 //     team.apply_left(X, R, work, r, d) (R ← X R through work): the d-long passes, each thread on
 //     its share, the result (max_abs's value, S) seen by every thread after the next sync.
 // The CPU's team is one thread (retraction_cpu.cpp), CUDA's a block (retraction_cuda.cu).
+//
+// Returns false when R holds NaN or Inf (found by the max-abs pass that starts the retraction, so
+// at no extra cost): R is then left as it was when `keep_non_finite` (the op's check_finite: the
+// caller raises), else filled with NaN (no orthonormal matrix is meant, and an unrelated
+// valid-looking one would hide that).
 template <typename acc_t, typename Team>
-REFT_HD void retract_matrix(const Team& team, acc_t* R, int64_t r, int64_t d, Method method,
-                            acc_t* work, acc_t* small) {
+REFT_HD bool retract_matrix(const Team& team, acc_t* R, int64_t r, int64_t d, Method method,
+                            acc_t* work, acc_t* small, bool keep_non_finite) {
   const SmallScratch<acc_t> scratch(small, r);
   acc_t *S = scratch.S, *T = scratch.T, *tmp = scratch.tmp;
   const bool polar = method == kPolar;
@@ -373,12 +378,10 @@ REFT_HD void retract_matrix(const Team& team, acc_t* R, int64_t r, int64_t d, Me
   if (polar && leader) set_identity(T, r);
   const acc_t max_abs = team.max_abs(R, r * d);
   if (!std::isfinite(max_abs)) {
-    // NaN or Inf in R (reached with check_finite=False): no orthonormal matrix is meant, so the
-    // result says so, all NaN, instead of an unrelated valid-looking one.
-    for (int64_t e = team.first(); e < r * d; e += team.stride()) {
-      R[e] = acc_t(NAN);
+    if (!keep_non_finite) {
+      for (int64_t e = team.first(); e < r * d; e += team.stride()) R[e] = acc_t(NAN);
     }
-    return;
+    return false;
   }
   normalize_scale(R, r * d, max_abs, team.first(), team.stride());
   int passes = 0;
@@ -405,6 +408,7 @@ REFT_HD void retract_matrix(const Team& team, acc_t* R, int64_t r, int64_t d, Me
     team.sync();
   }
   if (polar && team.share(leader && polar_small(T, tmp, r))) team.apply_left(T, R, work, r, d);
+  return true;
 }
 
 }  // namespace retraction

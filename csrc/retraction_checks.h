@@ -12,6 +12,11 @@
 
 namespace reft_ext {
 
+// The error of check_finite=True; the matrices that hold NaN or Inf are left as they were.
+constexpr const char* kNonFiniteMessage =
+    "R contains NaN or Inf; cannot orthonormalize it (those matrices are left as they were; "
+    "check_finite=False returns them as NaN)";
+
 // R: contiguous (r, d) or (k, r, d) floating tensor with 1 <= r <= d, writable in place here (not
 // a leaf that requires grad while grad mode is on, not an inference tensor outside inference
 // mode); method "cholqr2", "qr" or "polar" (the names of reft_ext.retraction.METHODS), returned as

@@ -9,7 +9,10 @@ Raw ops (all tensors contiguous; acc = float64 for float64 rows, float32 otherwi
     lowrank_edit_backward(grad_out (N, d), h, P, Q, z, output_mask [4 bools: h, P, Q, b])
         -> (grad_h (N, d), grad_P (r, d), grad_Q (r, d), grad_b (r,)); a gradient not in the
         mask is an empty (0,) tensor.
-    retract_(R (r, d) or (k, r, d), method "cholqr2" | "qr" | "polar") -> None, R in place.
+    retract_(R (r, d) or (k, r, d), method "cholqr2" | "qr" | "polar", check_finite=False)
+        -> None, R in place. A matrix holding NaN or Inf is set to NaN, or with check_finite left
+        as it was and reported: ValueError on CPU (after the batch), a device-side assert on CUDA
+        (no host synchronization).
 """
 
 from __future__ import annotations
@@ -117,5 +120,5 @@ def _lowrank_edit_backward_fake(grad_out, h, P, Q, z, output_mask):
 
 
 @torch.library.register_fake("reft_ext::retract_")
-def _retract_fake(R, method):
+def _retract_fake(R, method, check_finite=False):
     return None

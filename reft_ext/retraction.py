@@ -39,9 +39,12 @@ def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True
             ``"polar"`` ((R Rᵀ)^-1/2 R, the closest matrix with orthonormal rows).
             Rank-deficient input falls back to Householder QR, which still returns orthonormal
             rows (polar then returns that QR factor: the closest matrix is not unique).
-        check_finite: raise ValueError when R holds NaN or Inf (costs one device sync on CUDA).
-            With ``check_finite=False`` a matrix holding NaN or Inf comes back all NaN (never an
-            unrelated orthonormal matrix).
+        check_finite: refuse a matrix holding NaN or Inf, leaving it as it was: ValueError on CPU
+            (raised after the batch: its other matrices may be retracted), a device-side assert on
+            CUDA (no host synchronization; it ends the process's CUDA context, as any device
+            assert). Found by the kernels' first pass over R, at no extra cost. With
+            ``check_finite=False`` such a matrix comes back all NaN (never an unrelated
+            orthonormal matrix).
 
     Returns:
         R, modified in place. Not differentiable (an update applied outside autograd).
@@ -62,11 +65,10 @@ def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True
             "retract_: R has elements that share memory (expanded or overlapping as_strided), so "
             "its matrices cannot be orthonormalized in place; pass R.clone()"
         )
-    if check_finite and not bool(torch.isfinite(R).all()):
-        raise ValueError("retract_: R contains NaN or Inf; cannot orthonormalize it")
     with torch.no_grad():
         target = R if R.is_contiguous() else R.contiguous()
-        torch.ops.reft_ext.retract_(target, method)
+        # The kernels detect NaN/Inf in the pass they start with (no extra pass over R).
+        torch.ops.reft_ext.retract_(target, method, check_finite)
         if target is not R:
             R.copy_(target)  # (bumps R's version itself)
         else:

@@ -119,7 +119,7 @@ def test_cli_writes_memory_fields_table_and_plot(tmp_path, _restore_threads):
         assert 0 < m.q1 <= m.value <= m.q3
     assert providers == {
         "op-forward-N256-d2048-r4-float32": ["fused", "naive", "copy"],
-        "retraction-k1-d2048-r8": ["fused", "torch_qr", "parametrization"],
+        "retraction-k1-d2048-r8": ["fused", "keep_orthonormal", "torch_qr", "parametrization"],
         "hook-B2-T512-P2-d2048-r4": ["none", "reft_ext", "clone"],
     }  # the train step was filtered out by --only
     peaks = {(m.case, m.provider): m.peak_bytes for m in measurements}
@@ -128,7 +128,7 @@ def test_cli_writes_memory_fields_table_and_plot(tmp_path, _restore_threads):
     table = (out / "table.md").read_text()
     assert table == format_tables(measurements) + "\n"
     assert "peak MiB (fused / naive / copy)" in table
-    assert "| torch_qr/fused | parametrization/fused |" in table
+    assert "| torch_qr/fused | torch_qr/keep_orthonormal | parametrization/fused |" in table
     assert _png_size(out / "bench.png")[0] > 0
 
     assert plot_main([str(out / "results.json"), str(tmp_path / "again.png")]) == 0

@@ -322,18 +322,31 @@ def test_low_precision(device, method, dtype):
 # Bad input and the raw op
 
 
-def test_nan_and_inf_raise(device):
+@pytest.fixture
+def non_finite_error(request, device):
+    """What check_finite raises for a matrix holding NaN/Inf: ValueError on CPU; under the
+    emulated CUDA kernels, the RuntimeError of their device-side assert (torch._assert_async on
+    CPU tensors). On a real GPU that assert ends the process's CUDA context, so the test skips."""
+    if device == "cuda":
+        pytest.skip("a device-side assert would end this process's CUDA context")
+    return RuntimeError if request.node.get_closest_marker("cuda_emulated") else ValueError
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 3, 8)])
+def test_nan_and_inf_raise(device, non_finite_error, shape):
+    """The kernels find NaN/Inf in their first pass over each matrix: that matrix is left as it
+    was and the call raises (after the batch: the others are retracted)."""
     for bad in (float("nan"), float("inf"), float("-inf")):
-        R = rand((3, 8), torch.float32, device)
-        R[1, 4] = bad
+        R = rand(shape, torch.float32, device)
+        R.view(-1, 8)[1, 4] = bad
         before = R.clone()
-        with pytest.raises(ValueError, match="NaN or Inf"):
+        with pytest.raises(non_finite_error, match="NaN or Inf"):
             reft_ext.retract_(R)
-        assert torch.equal(R.nan_to_num(0.0), before.nan_to_num(0.0))  # left untouched
-    # check_finite=False skips the check (no exception; the result is unspecified)
-    R = rand((3, 8), torch.float32, device)
-    R[0, 0] = float("nan")
-    reft_ext.retract_(R, check_finite=False)
+        matrices, originals = R.view(-1, *shape[-2:]), before.view(-1, *shape[-2:])
+        # view(-1, 8)[1] is row 1 of the first matrix: it is left as it was
+        assert torch.equal(matrices[0].nan_to_num(0.0), originals[0].nan_to_num(0.0))
+        for i in range(1, matrices.shape[0]):
+            assert max_rel(matrices[i], qr_truth(originals[i])) <= MATCH_TOL[torch.float32]
 
 
 @pytest.mark.parametrize(
@@ -698,11 +711,9 @@ def test_extreme_scales_match_the_float64_truth(device, method, shape, dtype, sc
 @pytest.mark.parametrize("method", METHODS)
 def test_non_finite_matrix_comes_back_all_nan_without_the_check(device, method, bad):
     """With check_finite=False a matrix holding NaN or Inf becomes all NaN (the others of the
-    batch are retracted as usual); with the check, a ValueError."""
+    batch are retracted as usual)."""
     R0 = rand((3, 4, 20), torch.float32, device)
     R0[1, 2, 5] = bad
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        reft_ext.retract_(R0.clone(), method)
     out = reft_ext.retract_(R0.clone(), method, check_finite=False)
     assert torch.isnan(out[1]).all()
     for i in (0, 2):

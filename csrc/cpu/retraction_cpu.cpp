@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -47,17 +48,20 @@ struct SerialTeam {
 };
 
 template <typename acc_t>
-REFT_ROW_INLINE void retract_serial(acc_t* R, int64_t r, int64_t d, retraction::Method method,
-                                    acc_t* work, acc_t* small) {
-  retraction::retract_matrix(SerialTeam{}, R, r, d, method, work, small);
+REFT_ROW_INLINE bool retract_serial(acc_t* R, int64_t r, int64_t d, retraction::Method method,
+                                    acc_t* work, acc_t* small, bool keep_non_finite) {
+  return retraction::retract_matrix(SerialTeam{}, R, r, d, method, work, small, keep_non_finite);
 }
 
-// Retracts the `batch` matrices (r×d each) at base, in parallel over matrices.
+// Retracts the `batch` matrices (r×d each) at base, in parallel over matrices; returns how many
+// held NaN or Inf (left as they were when check_finite, else set to NaN).
 template <typename scalar_t>
-void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, retraction::Method method) {
+int64_t retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d,
+                      retraction::Method method, bool check_finite) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const auto retract_one = isa_variant<&retract_serial<acc_t>>();
+  std::atomic<int64_t> non_finite{0};
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> work(r * d), small(retraction::small_scratch_size(r));
     std::vector<acc_t> converted(kConvert ? r * d : 0);
@@ -70,21 +74,29 @@ void retract_batch(scalar_t* base, int64_t batch, int64_t r, int64_t d, retracti
       } else {
         values = matrix;
       }
-      retract_one(values, r, d, method, work.data(), small.data());
+      const bool finite =
+          retract_one(values, r, d, method, work.data(), small.data(), check_finite);
+      if (!finite) non_finite.fetch_add(1, std::memory_order_relaxed);
       if constexpr (kConvert) {
-        for (int64_t e = 0; e < r * d; ++e) matrix[e] = static_cast<scalar_t>(converted[e]);
+        if (finite || !check_finite) {
+          for (int64_t e = 0; e < r * d; ++e) matrix[e] = static_cast<scalar_t>(converted[e]);
+        }
       }
     }
   });
+  return non_finite.load();
 }
 
-void retract_cpu(at::Tensor& R, c10::string_view method_name) {
+void retract_cpu(at::Tensor& R, c10::string_view method_name, bool check_finite) {
   const retraction::Method method = check_retract_args(R, method_name);
   const int64_t r = R.size(-2), d = R.size(-1);
   const int64_t batch = R.numel() / (r * d);
+  int64_t non_finite = 0;
   REFT_DISPATCH_SUPPORTED(R.scalar_type(), "retract_cpu", [&] {
-    retract_batch(R.mutable_data_ptr<scalar_t>(), batch, r, d, method);
+    non_finite = retract_batch(R.mutable_data_ptr<scalar_t>(), batch, r, d, method, check_finite);
   });
+  TORCH_CHECK_VALUE(!check_finite || non_finite == 0, kNonFiniteMessage, " (", non_finite, " of ",
+                    batch, " matrices)");
 }
 
 }  // namespace

@@ -4,7 +4,10 @@
 // factorizations and the rare Householder fallback run on thread 0.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/eq.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -94,18 +97,21 @@ struct BlockTeam {
 
 // One block per matrix, so a few blocks per GPU: minBlocksPerSM = 1 lets ptxas keep the r×r
 // routines' state in registers (at its default budget it spilled on sm_80 and sm_90).
+// non_finite counts the matrices holding NaN or Inf (left as they were when check_finite).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads, 1)
     retract_kernel(acc_t* values, acc_t* work_all, acc_t* small_all, int64_t r, int64_t d,
-                   retraction::Method method) {
+                   retraction::Method method, bool check_finite, int* non_finite) {
   __shared__ int flag;
   const int64_t b = blockIdx.x;
-  retraction::retract_matrix(BlockTeam{&flag}, values + b * r * d, r, d, method,
-                             work_all + b * r * d,
-                             small_all + b * retraction::small_scratch_size(r));
+  const BlockTeam team{&flag};
+  const bool finite =
+      retraction::retract_matrix(team, values + b * r * d, r, d, method, work_all + b * r * d,
+                                 small_all + b * retraction::small_scratch_size(r), check_finite);
+  if (!finite && team.leader()) atomicAdd(non_finite, 1);
 }
 
-void retract_cuda(at::Tensor& R, c10::string_view method_name) {
+void retract_cuda(at::Tensor& R, c10::string_view method_name, bool check_finite) {
   const retraction::Method method = check_retract_args(R, method_name);
   const c10::cuda::CUDAGuard guard(R.device());
   const int64_t r = R.size(-2), d = R.size(-1);
@@ -116,14 +122,18 @@ void retract_cuda(at::Tensor& R, c10::string_view method_name) {
   at::Tensor values = R.scalar_type() == acc ? R : R.to(acc);
   auto work = at::empty({batch, r, d}, values.options());
   auto small = at::empty({batch, retraction::small_scratch_size(r)}, values.options());
+  auto non_finite = at::zeros({}, values.options().dtype(at::kInt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(acc, "retract_cuda", [&] {
     retract_kernel<scalar_t><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
         values.mutable_data_ptr<scalar_t>(), work.mutable_data_ptr<scalar_t>(),
-        small.mutable_data_ptr<scalar_t>(), r, d, method);
+        small.mutable_data_ptr<scalar_t>(), r, d, method, check_finite,
+        non_finite.mutable_data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!values.is_same(R)) R.copy_(values);
+  // A device-side assert, not a host check: keep_orthonormal never synchronizes the host.
+  if (check_finite) at::_assert_async(non_finite.eq(0), kNonFiniteMessage);
 }
 
 }  // namespace

@@ -275,6 +275,7 @@ class RetractionCase(Case):
     )
     columns: ClassVar[tuple[Column, ...]] = (
         ratio("torch_qr", "fused"),
+        ratio("torch_qr", "keep_orthonormal"),
         ratio("parametrization", "fused"),
     )
 
@@ -291,8 +292,10 @@ class RetractionCase(Case):
         return singles + [cls(32, 4096, 8), cls(32, 4096, 32)]
 
     def calls(self, device: torch.device) -> dict[str, Callable[[], object]]:
-        """fused and torch_qr; parametrization too for k = 1 (it is the slow baseline)."""
-        providers = ["fused", "torch_qr"] + (["parametrization"] if self.k == 1 else [])
+        """fused, keep_orthonormal and torch_qr; parametrization too for k = 1 (the slow
+        baseline)."""
+        providers = ["fused", "keep_orthonormal", "torch_qr"]
+        providers += ["parametrization"] if self.k == 1 else []
         return {p: retraction_call(self, p, device) for p in providers}
 
     def timing(self, repeats: int) -> dict:
@@ -309,7 +312,10 @@ def _sign_fixed_qr_(R: torch.Tensor) -> None:
 def retraction_call(case: RetractionCase, provider: str, device: torch.device):
     """A zero-argument callable for ``provider``:
 
-    - ``fused``: one reft_ext.retract_ call on the (k, r, d) batch (or the (r, d) matrix);
+    - ``fused``: one reft_ext.retract_ call on the (k, r, d) batch (or the (r, d) matrix), default
+      arguments;
+    - ``keep_orthonormal``: the post-step cost of reft_ext.keep_orthonormal on k separate (r, d)
+      parameters (an optimizer step without gradients, so the retraction alone);
     - ``torch_qr``: a loop of torch.linalg.qr retractions, one per matrix;
     - ``parametrization``: pyreft's way, torch's orthogonal parametrization of a (d, r) weight,
       forward and backward of one weight read, per matrix (k = 1 only: it is the slow baseline).
@@ -319,7 +325,14 @@ def retraction_call(case: RetractionCase, provider: str, device: torch.device):
     shape = (case.k, case.r, case.d) if case.k > 1 else (case.r, case.d)
     R = torch.randn(shape, device=device)
     if provider == "fused":
-        return lambda: retract_(R, check_finite=False)
+        return lambda: retract_(R)  # default arguments: the NaN/Inf check included
+    if provider == "keep_orthonormal":
+        from ..retraction import StiefelParameter, keep_orthonormal
+
+        params = [StiefelParameter(m.clone()) for m in R.view(-1, case.r, case.d).unbind(0)]
+        optimizer = torch.optim.SGD(params, lr=0.0)
+        keep_orthonormal(optimizer)
+        return optimizer.step  # no gradients: the step is the post-step retraction alone
     if provider == "torch_qr":
         mats = list(R.view(-1, case.r, case.d).unbind(0))
 

@@ -54,14 +54,29 @@ def default_locations(
     return {group: by_group[group] for group in groups}
 
 
-def checked_mask(attention_mask, batch: int, length: int) -> torch.Tensor:
-    """``attention_mask`` if it is a (batch, length) mask of 0s and 1s; else ValueError."""
+def checked_mask(attention_mask, batch: int, length: int, explicit: bool = False) -> torch.Tensor:
+    """``attention_mask`` if it fits inputs of ``batch`` rows and ``length`` tokens; else
+    TypeError/ValueError naming it.
+
+    For the positions rules (``explicit=False``) it must be (batch, length) of 0s and 1s. With
+    explicit locations the mask is not read here: any 2-D (batch, L) with L >= length fits (a
+    decode step's mask also covers the cached tokens).
+    """
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
-    if tuple(attention_mask.shape) != (batch, length):
+    shape = tuple(attention_mask.shape)
+    if explicit:
+        if len(shape) != 2 or shape[0] != batch or shape[1] < length:
+            raise ValueError(
+                f"attention_mask must have shape (batch, L) = ({batch}, L >= {length}) for these "
+                f"inputs, got {shape}"
+            )
+        return attention_mask
+    if shape != (batch, length):
         raise ValueError(
             f"attention_mask must have shape (batch, length) = ({batch}, {length}) like the "
-            f"inputs (a 2-D mask of 0s and 1s), got {tuple(attention_mask.shape)}"
+            f"inputs (a 2-D mask of 0s and 1s), got {shape}; a decode step with a cache needs "
+            "explicit intervention_locations"
         )
     if attention_mask.is_floating_point() or attention_mask.is_complex():
         binary = (attention_mask == 0) | (attention_mask == 1)

@@ -178,9 +178,10 @@ class ReftModel(nn.Module):
         if reference is None:
             raise ValueError("ReftModel needs input_ids or inputs_embeds to place interventions")
         batch, length = reference.shape[0], reference.shape[1]
+        explicit = intervention_locations is not None
         if kwargs.get("attention_mask") is not None:  # a mask that does not fit fails here, clearly
-            checked_mask(kwargs["attention_mask"], batch, length)
-        if intervention_locations is not None:
+            checked_mask(kwargs["attention_mask"], batch, length, explicit)
+        if explicit:
             return explicit_locations(
                 intervention_locations, self._groups, self.layers, batch, length
             )
