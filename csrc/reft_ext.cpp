@@ -14,4 +14,7 @@ TORCH_LIBRARY(reft_ext, m) {
   // Orthonormalizes the rows of R (r, d) or of each R[i] (k, r, d) in place. method: "cholqr2",
   // "qr" or "polar" (csrc/retraction.h).
   m.def("retract_(Tensor(a!) R, str method, bool check_finite=False) -> ()");
+  // retract_ on every tensor of Rs (one dtype and device; shapes may differ), in one call: the
+  // multi-tensor form, with no stacking or copying back.
+  m.def("retract_list_(Tensor(a!)[] Rs, str method, bool check_finite=False) -> ()");
 }

@@ -5,6 +5,7 @@ Public API:
     loreft(h, R, W, b)        h + (h Wᵀ + b − h Rᵀ) R  LoReFT
     direft(h, R, W, b)        h + (h Wᵀ + b) R         DiReFT
     retract_(R, method)       orthonormalize R's rows in place (cholqr2, qr, polar)
+    retract_list_(Rs, method) the same for a list of tensors, in one call
     project_tangent(R, G)     Riemannian gradient G − sym(G Rᵀ) R
     keep_orthonormal(opt)     retract marked parameters after every optimizer step
     LoReFT, NoReFT, DiReFT, ConsReFT, LoBiReFT   intervention modules
@@ -23,6 +24,7 @@ from .retraction import (
     mark_stiefel,
     project_tangent,
     retract_,
+    retract_list_,
 )
 
 __version__ = "0.1.0"
@@ -46,4 +48,5 @@ __all__ = [
     "lowrank_edit",
     "project_tangent",
     "retract_",
+    "retract_list_",
 ]

@@ -13,6 +13,8 @@ Raw ops (all tensors contiguous; acc = float64 for float64 rows, float32 otherwi
         -> None, R in place. A matrix holding NaN or Inf is set to NaN, or with check_finite left
         as it was and reported: ValueError on CPU (after the batch), a device-side assert on CUDA
         (no host synchronization).
+    retract_list_(Rs [tensors as R, one dtype and device], method, check_finite=False) -> None:
+        retract_ on every tensor in one call (CPU: one parallel loop over all their matrices).
 """
 
 from __future__ import annotations
@@ -121,4 +123,9 @@ def _lowrank_edit_backward_fake(grad_out, h, P, Q, z, output_mask):
 
 @torch.library.register_fake("reft_ext::retract_")
 def _retract_fake(R, method, check_finite=False):
+    return None
+
+
+@torch.library.register_fake("reft_ext::retract_list_")
+def _retract_list_fake(Rs, method, check_finite=False):
     return None

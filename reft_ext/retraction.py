@@ -49,33 +49,74 @@ def retract_(R: torch.Tensor, method: str = "cholqr2", check_finite: bool = True
     Returns:
         R, modified in place. Not differentiable (an update applied outside autograd).
     """
+    _check_retractable("retract_", "R", R, method)
+    _retract_in_place([R], lambda t: torch.ops.reft_ext.retract_(t[0], method, check_finite))
+    return R
+
+
+def retract_list_(
+    Rs: list[torch.Tensor], method: str = "cholqr2", check_finite: bool = True
+) -> list[torch.Tensor]:
+    """:func:`retract_` on every tensor of ``Rs`` in one call per dtype and device (the
+    multi-tensor form of ``torch._foreach_*`` ops): on CPU one parallel loop over all their
+    matrices, with no stacking and no copying back.
+
+    Args:
+        Rs: a list of tensors as :func:`retract_`'s R; shapes, dtypes and devices may differ.
+        method, check_finite: as for :func:`retract_`.
+
+    Returns:
+        Rs, each modified in place.
+    """
+    if not isinstance(Rs, (list, tuple)):
+        raise TypeError(f"retract_list_: Rs must be a list of tensors, got {type(Rs).__name__}")
+    for i, R in enumerate(Rs):
+        _check_retractable("retract_list_", f"Rs[{i}]", R, method)
+    if not Rs and method not in METHODS:
+        raise ValueError(f"retract_list_: method must be one of {list(METHODS)}, got {method!r}")
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for R in Rs:
+        groups.setdefault((R.dtype, R.device), []).append(R)
+    for members in groups.values():
+        _retract_in_place(
+            members, lambda t: torch.ops.reft_ext.retract_list_(t, method, check_finite)
+        )
+    return Rs
+
+
+def _check_retractable(op: str, name: str, R, method: str) -> None:
+    """TypeError/ValueError naming ``name`` (or method) unless R can be retracted in place."""
     if not isinstance(R, torch.Tensor):
-        raise TypeError(f"retract_: R must be a torch.Tensor, got {type(R).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(R).__name__}")
     if method not in METHODS:
-        raise ValueError(f"retract_: method must be one of {list(METHODS)}, got {method!r}")
+        raise ValueError(f"{op}: method must be one of {list(METHODS)}, got {method!r}")
     if R.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"retract_: R must be {SUPPORTED_NAMES}, got {R.dtype}")
+        raise ValueError(f"{op}: {name} must be {SUPPORTED_NAMES}, got {R.dtype}")
     if R.dim() not in (2, 3) or not 1 <= R.shape[-2] <= R.shape[-1]:
         raise ValueError(
-            "retract_: R must have shape (r, d) or (k, r, d) with 1 <= r <= d, "
+            f"{op}: {name} must have shape (r, d) or (k, r, d) with 1 <= r <= d, "
             f"got {tuple(R.shape)}"
         )
     if _shares_memory(R):
         raise ValueError(
-            "retract_: R has elements that share memory (expanded or overlapping as_strided), so "
-            "its matrices cannot be orthonormalized in place; pass R.clone()"
+            f"{op}: {name} has elements that share memory (expanded or overlapping as_strided), "
+            f"so its matrices cannot be orthonormalized in place; pass {name}.clone()"
         )
+
+
+def _retract_in_place(Rs: list[torch.Tensor], run) -> None:
+    """``run(targets)`` (a raw op call) on contiguous targets for Rs, then make the results R's:
+    copied back where R is not contiguous, else R's version bumped."""
     with torch.no_grad():
-        target = R if R.is_contiguous() else R.contiguous()
-        # The kernels detect NaN/Inf in the pass they start with (no extra pass over R).
-        torch.ops.reft_ext.retract_(target, method, check_finite)
-        if target is not R:
-            R.copy_(target)  # (bumps R's version itself)
-        else:
-            # The raw op writes through the data pointer: mark R modified, so that autograd refuses
-            # a backward through a graph that saved R's old values instead of using the new ones.
-            torch.autograd.graph.increment_version(R)
-    return R
+        targets = [R if R.is_contiguous() else R.contiguous() for R in Rs]
+        run(targets)  # the kernels find NaN/Inf in the pass they start with (no extra pass)
+        for R, target in zip(Rs, targets, strict=True):
+            if target is not R:
+                R.copy_(target)  # (bumps R's version itself)
+            else:
+                # The raw op writes through the data pointer: mark R modified, so that autograd
+                # refuses a backward through a graph that saved R's old values.
+                torch.autograd.graph.increment_version(R)
 
 
 def project_tangent(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -156,19 +197,8 @@ class OrthonormalityHandle:
 
 
 def _retract_grouped(params: list[torch.Tensor], method: str) -> None:
-    """Retract params, stacking those of equal shape, dtype and device into one batched call."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in params:
-        groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
-    with torch.no_grad():
-        for members in groups.values():
-            if len(members) == 1:
-                retract_(members[0].data, method)
-                continue
-            stacked = torch.stack([p.data for p in members])
-            retract_(stacked, method)
-            for p, value in zip(members, stacked.unbind(0), strict=True):
-                p.data.copy_(value)
+    """Retract params in one retract_list_ call per dtype and device (no stacking)."""
+    retract_list_([p.data for p in params], method)
 
 
 def keep_orthonormal(

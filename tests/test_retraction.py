@@ -771,3 +771,74 @@ def test_inference_tensor_is_retracted_only_in_inference_mode(device):
     with torch.inference_mode():
         reft_ext.retract_(R)
     assert max_rel(R, qr_truth(before)) <= MATCH_TOL[torch.float32]
+
+
+# --------------------------------------------------------------------------------------------------
+# retract_list_: the multi-tensor form
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_retract_list_equals_retract_on_each_tensor(device, method, dtype):
+    """Mixed shapes (single matrices, batches, a non-contiguous view) in one call: each result is
+    bit for bit what retract_ gives on that tensor alone, and matches the float64 truth."""
+    shapes = [(3, 40), (2, 4, 33), (1, 1), (5, 17), (3, 2, 64)]
+    Rs = [rand(shape, dtype, device) for shape in shapes]
+    Rs.append(rand((40, 3), dtype, device).T)  # non-contiguous (3, 40)
+    alone = [reft_ext.retract_(R.clone(), method) for R in Rs]
+    together = [R.clone() for R in Rs[:-1]] + [Rs[-1].clone().T.contiguous().T]
+    assert reft_ext.retract_list_(together, method) is together
+    for got, want, original in zip(together, alone, Rs, strict=True):
+        assert torch.equal(got, want)
+        truth = polar_truth(original) if method == "polar" else qr_truth(original)
+        assert max_rel(got, truth) <= MATCH_TOL[dtype]
+
+
+def test_retract_list_groups_dtypes_and_takes_empty_lists(device):
+    Rs = [rand((3, 20), torch.float64, device), rand((2, 9), torch.float32, device)]
+    truths = [qr_truth(R) for R in Rs]
+    reft_ext.retract_list_(Rs)
+    for R, truth in zip(Rs, truths, strict=True):
+        assert max_rel(R, truth) <= MATCH_TOL[R.dtype]
+    assert reft_ext.retract_list_([]) == []
+
+
+@pytest.mark.parametrize(
+    ("Rs", "error", "match"),
+    [
+        (lambda: torch.randn(3, 5), TypeError, "Rs must be a list"),
+        (lambda: [torch.randn(3, 5), "R"], TypeError, r"Rs\[1\] must be a torch.Tensor"),
+        (lambda: [torch.randn(3, 5), torch.randn(6, 5)], ValueError, r"Rs\[1\] must have shape"),
+        (lambda: [torch.ones(3, 5, dtype=torch.int64)], ValueError, r"Rs\[0\] must be"),
+        (lambda: [torch.randn(1, 5).expand(3, 5)], ValueError, r"Rs\[0\] has elements that"),
+    ],
+)
+def test_retract_list_bad_arguments_name_the_tensor(Rs, error, match):
+    with pytest.raises(error, match=match):
+        reft_ext.retract_list_(Rs())
+    with pytest.raises(ValueError, match="method must be one of"):
+        reft_ext.retract_list_([], "svd")
+
+
+def test_raw_retract_list_checks_every_tensor():
+    op = torch.ops.reft_ext.retract_list_
+    with pytest.raises(RuntimeError, match=r"Rs\[1\] must have Rs\[0\]'s dtype and device"):
+        op([torch.randn(3, 5), torch.randn(3, 5, dtype=torch.float64)], "qr")
+    with pytest.raises(RuntimeError, match=r"Rs\[1\]: R must be contiguous"):
+        op([torch.randn(3, 5), torch.randn(5, 3).T], "qr")
+    with pytest.raises(RuntimeError, match="method must be"):
+        op([torch.randn(3, 5)], "svd")
+    R = torch.randn(2, 3, 5)
+    torch.library.opcheck(op.default, ([R[0].clone(), R.clone()], "cholqr2", True))
+
+
+def test_retract_list_refuses_non_finite_matrices(device, non_finite_error):
+    Rs = [rand((3, 8), torch.float32, device), rand((2, 3, 8), torch.float32, device)]
+    Rs[1][1, 0, 0] = float("nan")
+    before = [R.clone() for R in Rs]
+    with pytest.raises(non_finite_error, match="NaN or Inf"):
+        reft_ext.retract_list_(Rs)
+    assert torch.equal(Rs[1][1].nan_to_num(), before[1][1].nan_to_num())  # left as it was
+    assert max_rel(Rs[0], qr_truth(before[0])) <= MATCH_TOL[torch.float32]
+    out = reft_ext.retract_list_([R.clone() for R in before], check_finite=False)
+    assert torch.isnan(out[1][1]).all() and not torch.isnan(out[1][0]).any()

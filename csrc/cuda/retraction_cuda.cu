@@ -138,6 +138,19 @@ void retract_cuda(at::Tensor& R, c10::string_view method_name, bool check_finite
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reft_ext, CUDA, m) { m.impl("retract_", &retract_cuda); }
+// The list form, one launch per tensor for now (a single launch over every matrix needs a device
+// table of the tensors' pointers and shapes).
+void retract_list_cuda(at::TensorList Rs, c10::string_view method_name, bool check_finite) {
+  check_retract_list_args(Rs, method_name);
+  for (const at::Tensor& R : Rs) {
+    at::Tensor target = R;  // retract_cuda takes a non-const reference
+    retract_cuda(target, method_name, check_finite);
+  }
+}
+
+TORCH_LIBRARY_IMPL(reft_ext, CUDA, m) {
+  m.impl("retract_", &retract_cuda);
+  m.impl("retract_list_", &retract_list_cuda);
+}
 
 }  // namespace reft_ext
