@@ -196,11 +196,6 @@ class OrthonormalityHandle:
         self._handles = []
 
 
-def _retract_grouped(params: list[torch.Tensor], method: str) -> None:
-    """Retract params in one retract_list_ call per dtype and device (no stacking)."""
-    retract_list_([p.data for p in params], method)
-
-
 def keep_orthonormal(
     optimizer: torch.optim.Optimizer,
     params: list[torch.Tensor] | None = None,
@@ -261,10 +256,10 @@ def keep_orthonormal(
             raise ValueError(
                 f"keep_orthonormal: params must be (r, d) with 1 <= r <= d, got {tuple(p.shape)}"
             )
-    _retract_grouped(current(), method)  # start on the manifold
+    retract_list_([p.data for p in current()], method)  # start on the manifold
 
     def after_step(_optimizer, _args, _kwargs):
-        _retract_grouped(current(), method)
+        retract_list_([p.data for p in current()], method)
 
     handles = [optimizer.register_step_post_hook(after_step)]
     if project_grad:

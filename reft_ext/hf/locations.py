@@ -17,8 +17,9 @@ def default_locations(
 ) -> dict[str, torch.Tensor]:
     """Per position group, a LongTensor (B, P) of token indices, −1 where there is no token.
 
-    Real tokens are those where ``attention_mask`` (B, T) of 0s and 1s is 1 (all, without a
-    mask); they must be contiguous (left or right padding), else ValueError. ``first`` takes
+    Real tokens are those where ``attention_mask`` (B, T) of 0s and 1s, as :func:`checked_mask`
+    accepts it, is 1 (all, without a mask); they must be contiguous (left or right padding), else
+    ValueError. ``first`` takes
     the first p real tokens, ``last`` the last s. A sequence with fewer than p + s real tokens
     gets its first min(p, n) tokens in ``first`` and the remaining last tokens, at most s, in
     ``last``: no token is edited twice and no padding is edited; missing slots are −1.
@@ -28,7 +29,7 @@ def default_locations(
         starts = torch.zeros(batch, dtype=torch.long, device=device)
         counts = torch.full((batch,), length, dtype=torch.long, device=device)
     else:
-        mask = checked_mask(attention_mask, batch, length).to(device=device, dtype=torch.long)
+        mask = attention_mask.to(device=device, dtype=torch.long)
         counts = mask.sum(dim=1)
         starts = torch.where(counts > 0, mask.argmax(dim=1), torch.zeros_like(counts))
         ends = length - mask.flip(1).argmax(dim=1)  # one past each row's last real token
@@ -78,11 +79,7 @@ def checked_mask(attention_mask, batch: int, length: int, explicit: bool = False
             f"inputs (a 2-D mask of 0s and 1s), got {shape}; a decode step with a cache needs "
             "explicit intervention_locations"
         )
-    if attention_mask.is_floating_point() or attention_mask.is_complex():
-        binary = (attention_mask == 0) | (attention_mask == 1)
-    else:
-        binary = (attention_mask >= 0) & (attention_mask <= 1)
-    if not bool(binary.all()):
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
     return attention_mask
 
