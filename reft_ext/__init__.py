@@ -7,7 +7,8 @@ Public API:
     retract_(R, method)       orthonormalize R's rows in place (cholqr2, qr, polar)
     retract_list_(Rs, method) the same for a list of tensors, in one call
     project_tangent(R, G)     Riemannian gradient G − sym(G Rᵀ) R
-    keep_orthonormal(opt)     retract marked parameters after every optimizer step
+    keep_orthonormal(opt)     retract marked parameters after every step of one optimizer
+    auto_retraction(on)       the automatic retraction after any optimizer's step (default on)
     LoReFT, NoReFT, DiReFT, ConsReFT, LoBiReFT   intervention modules
     ReftConfig, get_reft_model, ReftModel         Hugging Face drop-in (reft_ext.hf)
     cuda_available()          whether the CUDA kernels were compiled in
@@ -20,6 +21,7 @@ from .modules import ConsReFT, DiReFT, LoBiReFT, LoReFT, NoReFT
 from .ops import cuda_available
 from .retraction import (
     StiefelParameter,
+    auto_retraction,
     keep_orthonormal,
     mark_stiefel,
     project_tangent,
@@ -38,6 +40,7 @@ __all__ = [
     "ReftConfig",
     "ReftModel",
     "StiefelParameter",
+    "auto_retraction",
     "keep_orthonormal",
     "mark_stiefel",
     "__version__",

@@ -3,11 +3,25 @@
 Instead of pyreft's orthogonal parametrization (a d×d buffer and a d×d·r product per weight read),
 the optimizer updates R freely and :func:`retract_` maps it back onto the Stiefel manifold in
 O(d·r²) per step.
+
+Two ways to attach it, both after ``optimizer.step()``:
+
+- automatic (default): once a marked parameter exists (:class:`StiefelParameter`, the R of the
+  modules), one global optimizer step post-hook (``torch.optim.optimizer.
+  register_optimizer_step_post_hook``) retracts the marked parameters of whichever optimizer just
+  stepped. This covers optimizers the user never sees (``transformers.Trainer``'s, pyreft's
+  trainers', accelerate's wrapped ones) and hand-written loops, with no extra line.
+  :class:`auto_retraction` switches it off or picks its method.
+- explicit: :func:`keep_orthonormal` on one optimizer (choice of parameters, ``project_grad``); an
+  optimizer it manages is skipped by the automatic hook, so nothing is retracted twice.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import ops  # noqa: F401  (registers the ops)
 from .dtypes import SUPPORTED_DTYPES, SUPPORTED_NAMES, accumulation_dtype
@@ -157,16 +171,19 @@ class StiefelParameter(torch.nn.Parameter):
     def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = True):
         param = super().__new__(cls, data, requires_grad)
         setattr(param, _STIEFEL_FLAG, True)
+        _install_auto_hook()
         return param
 
 
 def mark_stiefel(param: torch.nn.Parameter) -> torch.nn.Parameter:
-    """Mark an existing ``param`` (r, d) for :func:`keep_orthonormal`'s default selection.
+    """Mark an existing ``param`` (r, d) for :func:`keep_orthonormal`'s default selection and for
+    the automatic retraction after each optimizer step (:class:`auto_retraction`).
 
     The mark is an attribute: pickling keeps it, ``copy.deepcopy`` does not (use
     :class:`StiefelParameter` for parameters that get copied).
     """
     setattr(param, _STIEFEL_FLAG, True)
+    _install_auto_hook()
     return param
 
 
@@ -182,18 +199,28 @@ class OrthonormalityHandle:
     parameters the optimizer holds at that moment, groups added later included).
     """
 
-    def __init__(self, handles: list, params):
+    def __init__(self, handles: list, params, optimizer: torch.optim.Optimizer):
         self._handles = handles
         self._params = params
+        self._optimizer = weakref.ref(optimizer)
+        _EXPLICIT[optimizer] = _EXPLICIT.get(optimizer, 0) + 1
 
     @property
     def params(self) -> list[torch.Tensor]:
         return self._params()
 
     def remove(self) -> None:
+        """Detach the hooks; the optimizer is then retracted automatically again (if enabled)."""
+        if not self._handles:
+            return
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        optimizer = self._optimizer()
+        if optimizer is not None:
+            _EXPLICIT[optimizer] -= 1
+            if not _EXPLICIT[optimizer]:
+                del _EXPLICIT[optimizer]
 
 
 def keep_orthonormal(
@@ -214,8 +241,9 @@ def keep_orthonormal(
             :func:`project_tangent` (R, G), before the step.
 
     Returns:
-        A handle whose ``remove()`` detaches the hooks. Parameters with equal shape, dtype and
-        device are retracted together in one batched call.
+        A handle whose ``remove()`` detaches the hooks. All parameters are retracted in one
+        :func:`retract_list_` call per dtype and device. While the handle is attached the
+        automatic retraction (:class:`auto_retraction`) skips this optimizer.
     """
     if method not in METHODS:
         raise ValueError(f"keep_orthonormal: method must be one of {list(METHODS)}, got {method!r}")
@@ -271,4 +299,90 @@ def keep_orthonormal(
                         p.grad.copy_(project_tangent(p, p.grad))
 
         handles.insert(0, optimizer.register_step_pre_hook(before_step))
-    return OrthonormalityHandle(handles, current)
+    return OrthonormalityHandle(handles, current, optimizer)
+
+
+# ---- automatic retraction after any optimizer's step ------------------------------------------
+_EXPLICIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> handles attached
+_MARKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (groups, params)
+_AUTO = {"enabled": True, "method": "cholqr2"}
+_AUTO_HOOK: list = []  # the one global hook's handle, once a marked parameter exists
+
+
+class auto_retraction:
+    """Switch the automatic retraction of marked parameters after every optimizer step.
+
+    Usable as a call (``reft_ext.auto_retraction(False)``, which holds until changed) or as a
+    context manager, which restores the previous setting on exit (like
+    ``torch.set_grad_enabled``). The process-wide default is on, method ``"cholqr2"``.
+
+    Args:
+        enabled: retract after each ``step()`` of any optimizer that holds parameters marked by
+            :class:`StiefelParameter` / :func:`mark_stiefel` (and is not managed by
+            :func:`keep_orthonormal`).
+        method: the retraction method (:data:`METHODS`).
+
+    Covers every ``torch.optim.Optimizer`` subclass, including the ones built inside
+    ``transformers.Trainer``, pyreft's trainers and accelerate (whose wrapper calls the torch
+    optimizer's ``step``); a GradScaler step skipped on overflow retracts nothing (it updated
+    nothing). Not covered: updates outside an optimizer (``p.data -= ...``) and optimizers that
+    step flattened copies of the parameters (DeepSpeed ZeRO) — there call :func:`retract_list_`
+    yourself.
+    """
+
+    def __init__(self, enabled: bool = True, method: str = "cholqr2"):
+        if not isinstance(enabled, bool):
+            raise TypeError(f"auto_retraction: enabled must be a bool, got {enabled!r}")
+        if method not in METHODS:
+            raise ValueError(
+                f"auto_retraction: method must be one of {list(METHODS)}, got {method!r}"
+            )
+        self._previous = dict(_AUTO)
+        _AUTO.update(enabled=enabled, method=method)
+
+    def __enter__(self) -> auto_retraction:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _AUTO.update(self._previous)
+
+    @staticmethod
+    def is_enabled() -> bool:
+        """Whether the automatic retraction is on now."""
+        return _AUTO["enabled"]
+
+
+def _install_auto_hook() -> None:
+    # Installed when the first marked parameter is made: a process that never builds one gets no
+    # global hook at all.
+    if not _AUTO_HOOK:
+        _AUTO_HOOK.append(register_optimizer_step_post_hook(_retract_after_step))
+
+
+def _marked_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The marked parameters of ``optimizer``, cached per optimizer until its groups change
+    (``add_param_group``, a group's list replaced or resized), so a large optimizer pays one
+    scan, not one per step."""
+    groups = tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+    cached = _MARKED.get(optimizer)
+    if cached is None or cached[0] != groups:
+        marked = [p for g in optimizer.param_groups for p in g["params"] if is_stiefel(p)]
+        for p in marked:
+            if type(p.data).__name__ == "DTensor":
+                raise ValueError(
+                    "automatic retraction: a marked parameter (R, shape "
+                    f"{tuple(p.shape)}) is sharded (a DTensor), and retracting a shard of R "
+                    "is not a retraction of R: keep the interventions replicated (shard only the "
+                    "base model: reft_ext.distributed.shard_base_model)"
+                )
+        cached = (groups, marked)
+        _MARKED[optimizer] = cached
+    return cached[1]
+
+
+def _retract_after_step(optimizer, _args, _kwargs) -> None:
+    if not _AUTO["enabled"] or optimizer in _EXPLICIT:
+        return
+    marked = _marked_params(optimizer)
+    if marked:
+        retract_list_([p.data for p in marked], _AUTO["method"])

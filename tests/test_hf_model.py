@@ -897,7 +897,7 @@ def test_bad_configs_raise_at_get_reft_model(kwargs, message):
 # ---- 13: transformers.Trainer ------------------------------------------------------------------
 
 
-def run_trainer(tmp_path, weight_decay):
+def run_trainer(tmp_path, weight_decay, retract=True):
     model = tiny_llama()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     reft_model = get_reft_model(model, ReftConfig(layers="all", rank=4, positions="f1+l1"))
@@ -926,9 +926,10 @@ def run_trainer(tmp_path, weight_decay):
         disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=reft_model, args=args, train_dataset=data)
-    trainer.create_optimizer()
-    reft_model.keep_orthonormal(trainer.optimizer)
-    trainer.train()
+    # No create_optimizer()/keep_orthonormal: the optimizer Trainer builds inside train() is
+    # retracted after each step by the automatic retraction.
+    with reft_ext.auto_retraction(retract):
+        trainer.train()
     return reft_model, trainer, base_state, start
 
 
@@ -942,6 +943,9 @@ def test_trainer_trains_interventions_only(tmp_path):
         assert not torch.equal(value, start[key]), key
     for iv in reft_model.interventions.values():
         assert orth_error(iv.R) <= 1e-5
+    # The control: without the automatic retraction the same run leaves R off the manifold.
+    drifted, *_ = run_trainer(tmp_path, weight_decay=0.1, retract=False)
+    assert max(orth_error(iv.R) for iv in drifted.interventions.values()) > 1e-3
     decay_ids = {
         id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]
     }

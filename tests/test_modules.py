@@ -321,11 +321,12 @@ def _train(module, h, y, steps, lr, weight_decay=0.0, retract=True):
     if retract:
         reft_ext.keep_orthonormal(opt)
     worst = 0.0
-    for _ in range(steps):
-        opt.zero_grad()
-        ((module(h) - y) ** 2).mean().backward()
-        opt.step()
-        worst = max(worst, orth_error(module.R))
+    with reft_ext.auto_retraction(retract):
+        for _ in range(steps):
+            opt.zero_grad()
+            ((module(h) - y) ** 2).mean().backward()
+            opt.step()
+            worst = max(worst, orth_error(module.R))
     with torch.no_grad():
         return ((module(h) - y) ** 2).mean().item(), worst
 

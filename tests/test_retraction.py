@@ -467,20 +467,29 @@ def _regression_run(
     micro_batches=1,
     steps=500,
     device="cpu",
-    retract=True,
+    retract="explicit",
 ):
     """LoReFT(64, 4) on a fixed random regression, AdamW(lr=1e-2, weight_decay=0.1).
 
-    Returns (worst orthonormality error over all steps, initial loss, final loss, ‖ΔR‖).
+    retract: "explicit" (keep_orthonormal), "auto" (no call: the automatic retraction) or "none"
+    (the automatic retraction switched off).
+
+    Returns (worst orthonormality error over all steps, initial loss, final loss, ‖ΔR‖, final R).
     """
     torch.manual_seed(0)
     model = reft_ext.LoReFT(64, 4, dtype=dtype, device=device)
     h = torch.randn(32, 64, dtype=torch.float64).to(device=device, dtype=dtype)
     target = torch.randn(32, 64, dtype=torch.float64).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    if retract:
+    if retract == "explicit":
         handle = reft_ext.keep_orthonormal(opt, method=method, project_grad=project_grad)
         assert [id(p) for p in handle.params] == [id(model.R)]
+    # With keep_orthonormal the automatic retraction stays on: it must skip that optimizer.
+    with reft_ext.auto_retraction(retract != "none", method):
+        return _train(model, opt, h, target, steps, micro_batches)
+
+
+def _train(model, opt, h, target, steps, micro_batches):
     R_start = model.R.detach().clone()
     worst = orth_error(model.R)
     losses = []
@@ -494,14 +503,15 @@ def _regression_run(
         losses.append(total)
         opt.step()
         worst = max(worst, orth_error(model.R))  # after EVERY step
-    return worst, losses[0], losses[-1], (model.R.detach() - R_start).norm().item()
+    moved = (model.R.detach() - R_start).norm().item()
+    return worst, losses[0], losses[-1], moved, model.R.detach().clone()
 
 
 @pytest.mark.not_emulated  # 500 optimizer steps; the kernel's cases are in tests/cuda_emulation
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_orthonormal_adamw_500_steps(device, method, dtype):
-    worst, first, last, moved = _regression_run(dtype, method, device=device)
+    worst, first, last, moved, _ = _regression_run(dtype, method, device=device)
     assert worst <= ORTH_TOL[dtype]
     assert last < 0.9 * first  # it did train
     assert moved > 0.1  # and R did move on the manifold
@@ -511,17 +521,83 @@ def test_keep_orthonormal_adamw_500_steps(device, method, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("project_grad", "micro_batches"), [(True, 1), (False, 2), (True, 2)])
 def test_keep_orthonormal_project_grad_and_accumulation(device, dtype, project_grad, micro_batches):
-    worst, first, last, moved = _regression_run(
+    worst, first, last, moved, _ = _regression_run(
         dtype, project_grad=project_grad, micro_batches=micro_batches, device=device
     )
     assert worst <= ORTH_TOL[dtype]
     assert last < 0.9 * first and moved > 0.1
 
 
-def test_without_keep_orthonormal_r_drifts():
-    """The control of the test above: the same run without the hooks leaves the manifold."""
-    worst, *_ = _regression_run(torch.float64, steps=50, retract=False)
+def test_without_retraction_r_drifts():
+    """The control of the tests above: the same run without any retraction leaves the manifold."""
+    worst, *_ = _regression_run(torch.float64, steps=50, retract="none")
     assert worst > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_auto_retraction_is_keep_orthonormal_without_the_call(method):
+    """No keep_orthonormal call: the global step hook retracts after every step as
+    keep_orthonormal does. keep_orthonormal also retracts once at registration (R is orthonormal
+    already, to float64 rounding), so the two runs agree to rounding, not bit for bit."""
+    worst, first, last, moved, R_auto = _regression_run(
+        torch.float64, method, steps=60, retract="auto"
+    )
+    assert worst <= ORTH_TOL[torch.float64] and last < 0.9 * first and moved > 0.1
+    *_, R_explicit = _regression_run(torch.float64, method, steps=60, retract="explicit")
+    assert (R_auto - R_explicit).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),  # bumps no version counter
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+    ],
+    ids=["sgd", "adamw", "adamw-foreach", "adam-fused", "rmsprop"],
+)
+def test_auto_retraction_with_every_optimizer(make_optimizer):
+    torch.manual_seed(0)
+    modules = [reft_ext.LoReFT(48, 4), reft_ext.ConsReFT(48, 2), reft_ext.NoReFT(48, 3)]
+    params = [p for m in modules for p in m.parameters()]
+    optimizer = make_optimizer(params)
+    h, target = torch.randn(16, 48), torch.randn(16, 48)
+    for _ in range(20):
+        optimizer.zero_grad()
+        sum(((m(h) - target) ** 2).mean() for m in modules).backward()
+        optimizer.step()
+        for m in modules[:2]:
+            assert orth_error(m.R) <= ORTH_TOL[torch.float32]
+    # NoReFT's R is free (not marked): it moved off the manifold and was left there.
+    assert orth_error(modules[2].R) > 1e-3
+
+
+def test_auto_retraction_switch_and_handle_removal():
+    torch.manual_seed(0)
+    model = reft_ext.LoReFT(32, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def step():
+        optimizer.zero_grad()
+        model(torch.randn(8, 32)).square().sum().backward()
+        optimizer.step()
+        return orth_error(model.R)
+
+    with reft_ext.auto_retraction(False):
+        assert not reft_ext.auto_retraction.is_enabled()
+        assert step() > 1e-3
+    assert reft_ext.auto_retraction.is_enabled()  # the context restored the default
+    assert step() <= ORTH_TOL[torch.float32]
+    handle = reft_ext.keep_orthonormal(optimizer)
+    handle.remove()
+    handle.remove()  # twice is harmless
+    assert step() <= ORTH_TOL[torch.float32]  # automatic again once the handle is gone
+    with pytest.raises(ValueError, match="method must be one of"):
+        reft_ext.auto_retraction(True, "gram-schmidt")
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        reft_ext.auto_retraction("yes")
 
 
 def test_registration_retracts_and_remove_detaches(device):
@@ -544,7 +620,8 @@ def test_registration_retracts_and_remove_detaches(device):
     opt.zero_grad()
     model(h).square().sum().backward()
     R_before, G = model.R.detach().clone(), model.R.grad.clone()
-    opt.step()
+    with reft_ext.auto_retraction(False):  # (else the automatic retraction takes over)
+        opt.step()
     assert max_rel(model.R, R_before - 0.1 * G) <= 1e-6  # plain SGD step, no retraction
     assert orth_error(model.R) > 1e-3
     handle.remove()  # idempotent
@@ -586,13 +663,14 @@ def test_grouped_retraction_equals_separate(device):
     for c in copies:
         reft_ext.retract_(c.R.data)
     h = torch.randn(5, 16, device=device)
-    for _ in range(3):
-        for group, optimizer in ((models, opt), (copies, opt_copy)):
-            optimizer.zero_grad()
-            sum(m(h).square().sum() for m in group).backward()
-            optimizer.step()
-        for c in copies:
-            reft_ext.retract_(c.R.data)
+    with reft_ext.auto_retraction(False):  # the copies are retracted by hand, one by one
+        for _ in range(3):
+            for group, optimizer in ((models, opt), (copies, opt_copy)):
+                optimizer.zero_grad()
+                sum(m(h).square().sum() for m in group).backward()
+                optimizer.step()
+            for c in copies:
+                reft_ext.retract_(c.R.data)
     for m, c in zip(models, copies, strict=True):
         assert max_rel(m.R, c.R) <= (0.0 if device == "cpu" else 1e-6)
         assert orth_error(m.R) <= ORTH_TOL[torch.float32]
