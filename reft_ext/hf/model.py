@@ -99,6 +99,34 @@ class ReftModel(nn.Module):
             blocks[layer].register_forward_hook(self._make_hook(layer)) for layer in layers
         ]
         self._handles.append(model.register_forward_pre_hook(self._count_pass))
+        self._register_load_state_dict_pre_hook(self._remember_load_prefix, with_module=False)
+        self.register_load_state_dict_post_hook(self._base_keys_are_not_missing)
+
+    # ---- state dict: the adapter only ----------------------------------------------------
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The adapter's tensors only, keys ``interventions.<intervention_key>.<parameter>``.
+
+        The base model is frozen and not part of the adapter (``reft_model.model.state_dict()``
+        has it): so ``transformers.Trainer`` checkpoints of a ReftModel hold the interventions,
+        not a copy of the base model (which, with tied embeddings, safetensors refuses to save),
+        and ``load_state_dict`` of such a dict restores them with ``strict=True``. A wrapper's
+        state dict (DDP's ``module.``, torch.compile's ``_orig_mod.``) nests the same keys.
+        """
+        if args:
+            raise TypeError("ReftModel.state_dict takes its arguments by keyword")
+        return self.interventions.state_dict(
+            destination=destination, prefix=prefix + "interventions.", keep_vars=keep_vars
+        )
+
+    def _remember_load_prefix(self, state_dict, prefix, *_args) -> None:
+        self._load_prefix = prefix
+
+    def _base_keys_are_not_missing(self, _module, incompatible_keys) -> None:
+        # The base model's tensors are not in state_dict() (above), so a load of it must not
+        # report them missing; a base-model key that *is* given is still loaded as usual.
+        base = getattr(self, "_load_prefix", "") + "model."
+        missing = incompatible_keys.missing_keys
+        missing[:] = [key for key in missing if not key.startswith(base)]
 
     # ---- per-call state ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -300,12 +328,28 @@ class ReftModel(nn.Module):
         """
         return keep_orthonormal(optimizer, **kwargs)
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(
+        self, directory: str | Path, is_main_process: bool | None = None
+    ) -> list[Path]:
         """Write the adapter into ``directory``: ``reft_config.json`` (the config and the base
         model's hidden size and block count) and ``reft_model.safetensors`` (the interventions,
-        keys ``<intervention_key>.<parameter>``). Never touches a base model's ``config.json``."""
+        keys ``<intervention_key>.<parameter>``). Never touches a base model's ``config.json``.
+
+        Args:
+            directory: the folder (created if needed).
+            is_main_process: whether this process writes (transformers' argument); default: rank
+                0 when torch.distributed is initialized, else True. Every rank holds the same
+                interventions, so one writer suffices, and other ranks calling this is harmless.
+
+        Returns:
+            The paths written (empty on a process that does not write).
+        """
         from safetensors.torch import save_file
 
+        from ..distributed import is_main_process as main_process
+
+        if not (main_process() if is_main_process is None else is_main_process):
+            return []
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.reft_config
@@ -323,6 +367,7 @@ class ReftModel(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         state = {k: v.detach().contiguous() for k, v in self.interventions.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME))
+        return [directory / CONFIG_NAME, directory / WEIGHTS_NAME]
 
     @classmethod
     def from_pretrained(
