@@ -147,3 +147,17 @@ def test_unknown_component_is_rejected(tmp_path):
 def test_hidden_size_mismatch_is_rejected():
     with pytest.raises(ValueError, match="hidden size 64"):
         load_pyreft_checkpoint(tiny_llama(hidden=32), FIXTURE)
+
+
+def test_drop_in_without_pyvene_names_what_to_install():
+    """Reading checkpoints needs no pyvene; the drop-in classes do, and say so."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyvene") is not None:
+        pytest.skip("pyvene is installed here: the drop-in imports (tests/test_pyreft_interop.py)")
+    import reft_ext.integrations.pyreft as interop
+
+    with pytest.raises(ImportError, match="install pyreft"):
+        interop.LoreftIntervention  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'NotAClass'"):
+        interop.NotAClass  # noqa: B018
