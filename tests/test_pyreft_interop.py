@@ -4,6 +4,9 @@ pyreft 0.1.0 pins transformers 4.45.1, so these tests live in their own environm
 module is skipped as a whole.
 """
 
+import copy
+import warnings
+
 import pytest
 import torch
 
@@ -18,22 +21,147 @@ from reft_ext.integrations.pyreft import (  # noqa: E402
     LoreftIntervention,
     load_pyreft_checkpoint,
 )
+from reft_ext.integrations.pyreft_interventions import DROP_INS  # noqa: E402
 
 EMBED, RANK = 64, 4
 
 
-def test_same_outputs_and_keys_as_pyreft_loreft():
-    """On pyreft's own weights our class computes pyreft's output (fp32, ≤ 1e-5 relative)."""
+TYPES = [
+    "LoreftIntervention",
+    "NoreftIntervention",
+    "DireftIntervention",
+    "NodireftIntervention",
+    "ConsreftIntervention",
+    "LobireftIntervention",
+]
+# The types whose pyreft class reads act_fn (the others ignore it, as ours do).
+WITH_SOURCE = TYPES[:4]
+
+
+def _pair(type_name, dtype=torch.float32, **kwargs):
+    """(pyreft's module with random trainable tensors, our drop-in holding the same state)."""
+    kwargs = dict(embed_dim=EMBED, low_rank_dimension=RANK, dtype=dtype, add_bias=True, **kwargs)
+    theirs = _pyreft_intervention(type_name, **kwargs)
+    with warnings.catch_warnings():  # add_bias=True on a type that ignores it: a warning, tested
+        warnings.simplefilter("ignore")
+        ours = DROP_INS[type_name](**kwargs)
+    ours.load_state_dict(theirs.state_dict())  # pyreft's form, its parametrization included
+    return theirs, ours
+
+
+def _trainable_grads(module, h, out, g):
+    """∂(out·g) for h and for every trainable tensor except the rotation (pyreft differentiates
+    its parametrization's ``original``, reft_ext R itself)."""
+    named = {
+        n.replace("learned_source", "source").replace("proj_layer", "proj"): p
+        for n, p in module.named_parameters()
+        if "rotate_layer" not in n and n != "R"
+    }
+    grads = torch.autograd.grad(out, [h, *named.values()], g, allow_unused=True)
+    return dict(zip(["h", *named], grads, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("type_name", "act_fn"),
+    [(t, None) for t in TYPES] + [(t, "silu") for t in WITH_SOURCE],
+)
+def test_drop_in_computes_pyrefts_output_and_gradients(type_name, act_fn):
+    """On pyreft's own weights (its state dict loaded into ours) each drop-in gives pyreft's
+    output and the gradients of h and of every non-rotation tensor (fp32, ≤ 1e-5 relative), with
+    the same state-dict keys except the rotation, stored as LoReFT stores it."""
     torch.manual_seed(0)
-    theirs = pyreft.LoreftIntervention(
-        embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32
-    ).eval()
-    ours = LoreftIntervention(embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32).eval()
-    assert set(ours.state_dict()) == set(theirs.state_dict())
-    ours.load_state_dict(theirs.state_dict())
-    h = torch.randn(7, EMBED)
+    theirs, ours = _pair(type_name, act_fn=act_fn)
+    theirs.eval(), ours.eval()
+    rotation = {k for k in theirs.state_dict() if k.startswith("rotate_layer")}
+    expected_keys = set(theirs.state_dict()) - rotation | ({"rotate_layer"} if rotation else set())
+    assert set(ours.state_dict()) == expected_keys
+    h = torch.randn(2, 7, EMBED, requires_grad=True)
+    g = torch.randn(2, 7, EMBED)
+    expected, got = theirs(h), ours(h)
+    assert got.dtype == expected.dtype == torch.float32
+    assert max_rel(got, expected) <= 1e-5
+    assert max_rel(got - h, expected - h) <= 1e-5  # the edit itself, not only h
+    want, have = _trainable_grads(theirs, h, expected, g), _trainable_grads(ours, h, got, g)
+    assert set(have) == set(want)
+    for name in want:
+        if want[name] is None:  # NodiReFT's proj_layer bias: held, not used, by both
+            assert have[name] is None, name
+            continue
+        assert max_rel(have[name], want[name]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_drop_in_bfloat16_error_at_most_twice_pyrefts(type_name):
+    """bfloat16 h and learned source (pyreft's default dtype): error against the float64
+    evaluation of pyreft's module on the same (bf16) weights ≤ 2× pyreft's own bf16 error."""
+    torch.manual_seed(1)
+    theirs, ours = _pair(type_name, dtype=torch.bfloat16)
+    truth = copy.deepcopy(theirs).double().eval()
+    h = torch.randn(64, EMBED).bfloat16()
+    expected = truth(h.double())
+    got, pyreft_result = ours.eval()(h), theirs.eval()(h)
+    assert got.dtype == pyreft_result.dtype == torch.bfloat16
+    ours_error = (got.double() - expected).abs().max().item()
+    pyreft_error = (pyreft_result.double() - expected).abs().max().item()
+    assert ours_error <= 2 * pyreft_error + 1e-6, (ours_error, pyreft_error)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_drop_in_dropout_is_pyrefts_on_the_whole_output(type_name):
+    """In training mode with dropout 0.5 and the same seed, ours zeroes and scales the same
+    elements of the whole output (h included) as pyreft's; ConsReFT has no dropout in either."""
+    theirs, ours = _pair(type_name, dropout=0.5)
+    theirs.train(), ours.train()
+    h = torch.randn(4, EMBED)
+    torch.manual_seed(7)
     expected = theirs(h)
-    assert max_rel(ours(h), expected) <= 1e-5
+    torch.manual_seed(7)
+    got = ours(h)
+    assert max_rel(got, expected) <= 1e-5
+    zeros = (got == 0).sum().item()
+    if type_name == "ConsreftIntervention":
+        assert zeros == 0
+    else:
+        assert 0.3 * h.numel() < zeros < 0.7 * h.numel()  # the mask hits h's part too
+
+
+def test_drop_in_bad_keywords_are_named():
+    """An unknown keyword, an act_fn that is neither a callable nor a known name, a missing
+    width: errors naming them; a keyword pyreft's class ignores: a warning naming it."""
+    ok = dict(embed_dim=EMBED, low_rank_dimension=RANK)
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['rank'\]"):
+        DROP_INS["LoreftIntervention"](**ok, rank=4)
+    with pytest.raises(ValueError, match=r"act_fn must be .* got 'no_such_act'"):
+        DROP_INS["DireftIntervention"](**ok, act_fn="no_such_act")
+    with pytest.raises(ValueError, match=r"act_fn must be .* got int"):
+        DROP_INS["LoreftIntervention"](**ok, act_fn=3)
+    with pytest.raises(TypeError, match="the keyword low_rank_dimension"):
+        DROP_INS["NoreftIntervention"](embed_dim=EMBED)
+    with pytest.raises(ValueError, match="low_rank_dimension=65, embed_dim=64"):
+        DROP_INS["LoreftIntervention"](embed_dim=EMBED, low_rank_dimension=65)
+    with pytest.warns(UserWarning, match="ConsreftIntervention ignores dropout=0.1"):
+        DROP_INS["ConsreftIntervention"](**ok, dropout=0.1)
+    relu = DROP_INS["LoreftIntervention"](**ok, act_fn=torch.relu, dtype=torch.float32)
+    assert relu.act_fn is torch.relu  # a callable is taken as it is
+
+
+def test_drop_in_nested_state_dict_round_trip():
+    """Inside another module, a drop-in saves pyreft's keys under its prefix and a strict load of
+    that state restores it exactly; a missing tensor is an error naming it."""
+    holder = torch.nn.ModuleDict({"a": DROP_INS["ConsreftIntervention"](**_kw())})
+    state = holder.state_dict()
+    assert set(state) == {"a.embed_dim", "a.interchange_dim", "a.learned_source", "a.rotate_layer"}
+    other = torch.nn.ModuleDict({"a": DROP_INS["ConsreftIntervention"](**_kw())})
+    other.load_state_dict(state)
+    assert torch.equal(other["a"].R, holder["a"].R)
+    assert torch.equal(other["a"].learned_source, holder["a"].learned_source)
+    del state["a.learned_source"]
+    with pytest.raises(RuntimeError, match="a.learned_source"):
+        other.load_state_dict(state)
+
+
+def _kw(**extra):
+    return dict(embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32, **extra)
 
 
 LAYERS = [1, 2]
@@ -168,9 +296,10 @@ def test_bench_table_shows_the_pyreft_column(tmp_path):
     assert row[header.index("pyreft/fused")] == f"{medians['pyreft'] / medians['fused']:.2f}x"
 
 
-def _pyreft_intervention(type_name: str) -> torch.nn.Module:
-    """One of pyreft's own classes, float32, with every trainable tensor random (biases too)."""
-    kwargs = dict(embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32, add_bias=True)
+def _pyreft_intervention(type_name: str, **kwargs) -> torch.nn.Module:
+    """One of pyreft's own classes (float32 and add_bias=True unless ``kwargs`` say otherwise),
+    with every trainable tensor random (biases too)."""
+    kwargs = {**_kw(add_bias=True), **kwargs}
     module = getattr(pyreft, type_name)(**kwargs)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -179,17 +308,7 @@ def _pyreft_intervention(type_name: str) -> torch.nn.Module:
     return module
 
 
-@pytest.mark.parametrize(
-    "type_name",
-    [
-        "LoreftIntervention",
-        "NoreftIntervention",
-        "DireftIntervention",
-        "NodireftIntervention",
-        "ConsreftIntervention",
-        "LobireftIntervention",
-    ],
-)
+@pytest.mark.parametrize("type_name", TYPES)
 def test_every_pyreft_type_saved_by_pyreft_imports_with_pyrefts_outputs(tmp_path, type_name):
     """pyreft saves a model with its own class at two layers; reft_ext's import computes the same
     edit as each of pyreft's modules (fp32, ≤ 1e-5 relative) and the same logits."""

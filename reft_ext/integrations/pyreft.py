@@ -12,9 +12,11 @@ pyvene.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -38,10 +40,16 @@ def _need(state: Tensors, *keys: str) -> list[torch.Tensor]:
     return [state[k] for k in keys]
 
 
-def _parametrized_rotation(state: Tensors) -> torch.Tensor:
-    """R (rank, embed_dim) from the state of pyreft's ``orthogonal(LowRankRotateLayer)``: torch's
-    parametrization (its ``original`` and ``base``) evaluated as pyreft reads ``weight``, then
-    transposed."""
+def rotation_from_state(state: Tensors) -> torch.Tensor:
+    """R (rank, embed_dim) from a pyreft rotation's state: ``rotate_layer`` (embed_dim, rank), as
+    pyreft's LoReFT and reft_ext's drop-ins save it, or torch's orthogonal parametrization of
+    ``LowRankRotateLayer`` (its ``original`` and ``base``) evaluated as pyreft reads ``weight``.
+
+    Raises:
+        KeyError: neither form is complete, naming the keys present.
+    """
+    if "rotate_layer" in state:
+        return state["rotate_layer"].T
     original, base = _need(state, _ROTATE + "original", _ROTATE + "0.base")
     holder = nn.Module()
     holder.weight = nn.Parameter(torch.empty_like(original, dtype=torch.float32))
@@ -61,8 +69,8 @@ def _source(state: Tensors) -> Tensors:
 
 def _loreft(state: Tensors) -> Tensors:
     # LoreftIntervention's own state_dict: the Linear's weight and bias, and the rotation's weight.
-    weight, bias, rotation = _need(state, "weight", "bias", "rotate_layer")
-    return {"R": rotation.T, "W": weight, "b": bias}
+    weight, bias, _ = _need(state, "weight", "bias", "rotate_layer")
+    return {"R": rotation_from_state(state), "W": weight, "b": bias}
 
 
 def _noreft(state: Tensors) -> Tensors:
@@ -75,7 +83,7 @@ def _noreft(state: Tensors) -> Tensors:
 
 
 def _direft(state: Tensors) -> Tensors:
-    return {"R": _parametrized_rotation(state), **_source(state)}
+    return {"R": rotation_from_state(state), **_source(state)}
 
 
 def _nodireft(state: Tensors) -> Tensors:
@@ -87,7 +95,7 @@ def _nodireft(state: Tensors) -> Tensors:
 def _constant_source(state: Tensors) -> Tensors:
     # ConsReFT and LoBiReFT: the learned source is the (rank,) parameter b itself.
     (b,) = _need(state, "learned_source")
-    return {"R": _parametrized_rotation(state), "b": b}
+    return {"R": rotation_from_state(state), "b": b}
 
 
 #: pyreft intervention class -> (reft_ext.modules.INTERVENTIONS name, state dict -> R, W, b).
@@ -235,11 +243,84 @@ def load_pyreft_checkpoint(
     return reft_model
 
 
+class PyreftSwap:
+    """What :func:`apply` replaced; :meth:`remove` puts pyreft's classes back. Also a context
+    manager (the swap lasts for the ``with`` block)."""
+
+    def __init__(self, replaced: list[tuple[ModuleType, str, type, type]]):
+        self._replaced = replaced
+
+    @property
+    def replaced(self) -> list[str]:
+        """``module.name`` of every name the swap rebound."""
+        return [f"{module.__name__}.{name}" for module, name, _, _ in self._replaced]
+
+    def remove(self) -> None:
+        """Restore pyreft's classes wherever the swap put ours (and nothing else: a name rebound
+        since is left alone). Idempotent."""
+        for module, name, original, ours in self._replaced:
+            if vars(module).get(name) is ours:
+                setattr(module, name, original)
+        self._replaced = []
+
+    def __enter__(self) -> PyreftSwap:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def apply() -> PyreftSwap:
+    """Make pyreft's intervention classes reft_ext's drop-ins, reversibly (one line).
+
+    Every loaded module that holds one of pyreft's six classes (``pyreft.LoreftIntervention``,
+    ``pyreft.interventions.LoreftIntervention``, a user's ``from pyreft import ...``) gets the
+    drop-in of the same name (:mod:`reft_ext.integrations.pyreft_interventions`), so pyreft's own
+    code and examples run unchanged on the fused kernels, and pyvene's ``ReftModel.load`` of a
+    checkpoint saved by pyreft's classes builds ours (which read pyreft's state dicts). Nothing
+    else is patched.
+
+    Returns:
+        A :class:`PyreftSwap`: ``remove()`` restores pyreft's classes; ``with apply(): ...``
+        limits the swap to a block.
+
+    Raises:
+        ImportError: pyreft is not installed.
+    """
+    try:
+        import pyreft.interventions as pyreft_classes
+    except ImportError as error:
+        raise ImportError(
+            "reft_ext.integrations.pyreft.apply() swaps pyreft's classes: install pyreft (see "
+            "the README)"
+        ) from error
+    from .pyreft_interventions import DROP_INS
+
+    # By identity: the values scanned below may be unhashable.
+    swaps = {
+        id(original): (original, DROP_INS[name])
+        for name in DROP_INS
+        if isinstance(original := getattr(pyreft_classes, name, None), type)
+    }
+    replaced = []
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for name, value in list(namespace.items()):
+            if isinstance(value, type) and id(value) in swaps:
+                original, ours = swaps[id(value)]
+                setattr(module, name, ours)
+                replaced.append((module, name, original, ours))
+    return PyreftSwap(replaced)
+
+
 def __getattr__(name: str):
     # The drop-ins subclass pyvene's interventions: imported on first access, so that importing
     # this module (the checkpoint reader) needs no pyvene.
-    if name == "LoreftIntervention":
-        from . import pyreft_interventions
+    if name.endswith("Intervention"):
+        from .pyreft_interventions import DROP_INS
 
-        return pyreft_interventions.LoreftIntervention
+        if name in DROP_INS:
+            return DROP_INS[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,40 @@
-"""Drop-ins for pyreft's intervention classes, on pyvene's base classes (needs pyreft/pyvene).
+"""Drop-ins for pyreft's six intervention classes, on pyvene's base classes (needs pyreft/pyvene).
 
-Module-level classes with plain qualified names: pyvene writes ``str(type(intervention))`` into a
-saved ``config.json`` and imports that name again in ``ReftModel.load``, so the classes must be
-importable as ``reft_ext.integrations.pyreft_interventions.<Name>`` (a class built inside a
-function is not).
+Each class takes pyreft's constructor keywords and computes pyreft's output, with the edit on
+reft_ext's fused op (:func:`reft_ext.lowrank_edit`; one pass over h, accumulated in float32) when
+``act_fn`` is the identity (pyreft's default) and on the composite otherwise:
+
+| class                  | pyreft's output                        | orthonormal R | dropout    |
+|------------------------|----------------------------------------|---------------|------------|
+| LoreftIntervention     | h + (act(W h + b) − R h) R             | yes           | the output |
+| NoreftIntervention     | h + (act(W h + b) − (P h + b_P)) P     | no (P free)   | the output |
+| DireftIntervention     | h + act(W h + b) R                     | yes           | the output |
+| NodireftIntervention   | h + act(W h + b) P                     | no (P free)   | the output |
+| ConsreftIntervention   | h + (b − R h) R                        | yes           | none       |
+| LobireftIntervention   | h + b R                                | yes           | the output |
+
+As in pyreft, dropout applies to the whole output (h included), and W, b (``learned_source``, an
+``nn.Linear(embed_dim, rank)``) and P (``proj_layer``) are in ``dtype`` (default bfloat16), R and a
+constant source b in float32. Where pyreft keeps R orthonormal with torch's orthogonal
+parametrization (a d×d buffer per intervention), R here is a plain (rank, embed_dim) parameter
+that the automatic retraction (:mod:`reft_ext.retraction`) maps back onto orthonormal rows after
+each step of the optimizer that trains it, pyreft's trainers' included.
+
+State dicts have pyreft's keys, except that the rotation is stored as pyreft's LoReFT stores it,
+``rotate_layer`` (embed_dim, rank) = Rᵀ, instead of the parametrization's ``original`` and d×d
+``base``; ``load_state_dict`` reads both forms, so a pyreft module's state loads into ours. The
+renaming is done by torch's state-dict hooks, so a drop-in nested in another module saves and
+loads (strictly) under its prefix.
+
+The classes are module-level with plain qualified names: pyvene writes ``str(type(intervention))``
+into a saved ``config.json`` and imports that name again in ``ReftModel.load``.
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -14,6 +42,7 @@ from torch import nn
 try:
     from pyvene import (
         DistributedRepresentationIntervention,
+        RepresentationConfig,
         SourcelessIntervention,
         TrainableIntervention,
     )
@@ -24,56 +53,235 @@ except ImportError as error:
         "(see the README) to use them"
     ) from error
 
-from ..functional import loreft
+from ..dtypes import accumulation_dtype
+from ..functional import lowrank_edit
 from ..retraction import StiefelParameter
+from .pyreft import rotation_from_state
+
+#: Keywords pyvene passes when it builds an intervention itself (its ``IntervenableModel`` and
+#: ``load``: a RepresentationConfig's fields, the component's width and ``use_fast``).
+_PYVENE_KEYWORDS = frozenset(RepresentationConfig._fields) | {"embed_dim", "use_fast"}
+#: Keywords of pyreft's classes (``device``: pyreft's examples pass it; here it places the tensors).
+_PYREFT_KEYWORDS = frozenset({"dtype", "dropout", "act_fn", "add_bias", "device"})
+#: What a keyword a class does not read may be without meaning anything.
+_NEUTRAL = {"dropout": (0.0, 0), "act_fn": (None, "linear"), "add_bias": (False,)}
 
 
-class LoreftIntervention(
-    SourcelessIntervention, TrainableIntervention, DistributedRepresentationIntervention
-):
-    """Drop-in for ``pyreft.LoreftIntervention`` in a ``pyreft.ReftConfig``.
+def _activation(act_fn) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``act_fn`` as a callable, or None for the identity (the fused path)."""
+    if act_fn is None or act_fn == "linear":
+        return None
+    if isinstance(act_fn, str):
+        if act_fn not in ACT2FN:
+            raise ValueError(
+                f"act_fn must be None, a callable or one of transformers' ACT2FN names "
+                f"{sorted(ACT2FN)}, got {act_fn!r}"
+            )
+        return ACT2FN[act_fn]
+    if callable(act_fn):
+        return act_fn
+    raise ValueError(
+        f"act_fn must be None, a callable or an ACT2FN name, got {type(act_fn).__name__}"
+    )
 
-    Same constructor keywords (``embed_dim``, ``low_rank_dimension``, ``dtype`` of the learned
-    source, default bfloat16 as in pyreft; ``dropout``; ``act_fn``) and the same state-dict keys
-    (``weight``, ``bias``, ``rotate_layer`` (d, r)), so pyreft's training, save and
-    ``ReftModel.load`` keep working. The forward runs reft_ext's fused op (``act_fn``
-    None/"linear"; other activations use the composite). R (``self.R``, (r, d)) is a plain
-    parameter kept orthonormal by the automatic retraction after each step of the optimizer
-    that trains it (pyreft's trainers' included), not by torch's parametrization. Dropout applies
-    to the edit only.
+
+class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresentationIntervention):
+    """Shared construction, forward and state-dict plumbing of the drop-ins.
+
+    Each subclass declares which of pyreft's parts it has — ``orthonormal`` (R, pyreft's
+    ``rotate_layer``), ``projection`` (P, pyreft's ``proj_layer``), ``linear_source`` (W and b, an
+    ``nn.Linear``; else b alone, a float32 (rank,) parameter ``learned_source``) — which keywords
+    its pyreft class reads, whether it subtracts the projected h, and whether it has dropout.
     """
 
+    orthonormal: ClassVar[bool] = True
+    projection: ClassVar[bool] = False
+    linear_source: ClassVar[bool] = True
+    subtracts_projection: ClassVar[bool] = True
+    has_dropout: ClassVar[bool] = True
+    reads: ClassVar[frozenset[str]] = frozenset({"dtype", "dropout", "act_fn"})
+
     def __init__(self, **kwargs):
+        name = type(self).__name__
+        unknown = sorted(set(kwargs) - _PYVENE_KEYWORDS - _PYREFT_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"{name}: unknown keyword(s) {unknown}; it takes "
+                f"{sorted(_PYVENE_KEYWORDS | _PYREFT_KEYWORDS)}"
+            )
+        for keyword, neutral in _NEUTRAL.items():
+            if keyword in kwargs and keyword not in self.reads and kwargs[keyword] not in neutral:
+                warnings.warn(
+                    f"{name}: pyreft's {name} ignores {keyword}={kwargs[keyword]!r}, and so does "
+                    "this drop-in",
+                    stacklevel=2,
+                )
+        for required in ("embed_dim", "low_rank_dimension"):
+            if kwargs.get(required) is None:
+                raise TypeError(f"{name}: the keyword {required} (an int) is required")
         super().__init__(**kwargs, keep_last_dim=True)
-        embed_dim, rank = int(self.embed_dim), int(kwargs["low_rank_dimension"])
-        q = torch.linalg.qr(torch.randn(embed_dim, rank, dtype=torch.float64))[0]
-        self.R = StiefelParameter(q.T.to(torch.float32).contiguous())
-        self.learned_source = nn.Linear(embed_dim, rank).to(kwargs.get("dtype", torch.bfloat16))
-        self.dropout = nn.Dropout(kwargs.get("dropout", 0.0))
-        act_fn = kwargs.get("act_fn")
-        self.linear_source = act_fn in (None, "linear")
-        self.act_fn = ACT2FN["linear" if act_fn is None else act_fn]
+        embed_dim, rank = int(kwargs["embed_dim"]), int(kwargs["low_rank_dimension"])
+        if not 1 <= rank <= embed_dim:
+            raise ValueError(
+                f"{name}: need 1 <= low_rank_dimension <= embed_dim, got "
+                f"low_rank_dimension={rank}, embed_dim={embed_dim}"
+            )
+        dtype = kwargs.get("dtype") or torch.bfloat16
+        device = kwargs.get("device")
+        if self.orthonormal:
+            q = torch.linalg.qr(torch.randn(embed_dim, rank, dtype=torch.float64))[0]
+            self.R = StiefelParameter(q.T.to(device=device, dtype=torch.float32).contiguous())
+        if self.projection:
+            bias = bool(kwargs.get("add_bias", False))
+            self.proj_layer = nn.Linear(embed_dim, rank, bias=bias, device=device, dtype=dtype)
+        if self.linear_source:
+            self.learned_source = nn.Linear(embed_dim, rank, device=device, dtype=dtype)
+        else:
+            self.learned_source = nn.Parameter(torch.rand(rank, device=device))
+        dropout = float(kwargs.get("dropout", 0.0)) if self.has_dropout else 0.0
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        self.dropout = nn.Dropout(dropout)
+        self.act_fn = _activation(kwargs.get("act_fn")) if "act_fn" in self.reads else None
+        # Through the class (the hook is given the module): torch marks each hook object, which a
+        # bound method does not allow.
+        self.register_state_dict_post_hook(type(self)._to_pyreft_form)
+        self.register_load_state_dict_pre_hook(type(self)._from_pyreft_form)
+
+    # -- the edit ---------------------------------------------------------------------------------
+
+    def _terms(self, dtype: torch.dtype):
+        """(W, b, S, c, Q) in ``dtype``: out = h + (act(W h + b) − (S h + c)) Q; W is None for a
+        constant source (then z = b − S h), S and c None where nothing is subtracted."""
+        if self.linear_source:
+            W, b = self.learned_source.weight.to(dtype), self.learned_source.bias.to(dtype)
+        else:
+            W, b = None, self.learned_source.to(dtype)
+        Q = self.R.to(dtype) if self.orthonormal else self.proj_layer.weight.to(dtype)
+        S = c = None
+        if self.subtracts_projection:
+            S = Q
+            if self.projection and self.proj_layer.bias is not None:
+                c = self.proj_layer.bias.to(dtype)
+        return W, b, S, c, Q
 
     def forward(self, base, source=None, subspaces=None):
-        W = self.learned_source.weight.float()
-        b = self.learned_source.bias.float()
-        if self.linear_source:
-            edited = loreft(base, self.R, W, b)
-        else:  # act(W h + b) − R h: the merged fused edit does not apply
-            h = base.float()
-            edited = h + (self.act_fn(h @ W.T + b) - h @ self.R.T) @ self.R
-        return base + self.dropout(edited.to(base.dtype) - base)
+        """pyreft's output for ``base`` (..., embed_dim), in base's dtype (source and subspaces
+        are pyvene's arguments, unused as in pyreft)."""
+        acc = accumulation_dtype(base.dtype)
+        W, b, S, c, Q = self._terms(acc)
+        if W is None and S is None:  # h + b Q: no projection of h at all
+            edited = (base.to(acc) + b @ Q).to(base.dtype)
+        elif self.act_fn is None:  # one fused pass: P = W − S, bias b − c
+            P = (W if W is not None else 0) - (S if S is not None else 0)
+            edited = lowrank_edit(base, P, Q, b - c if c is not None else b)
+        else:  # act(W h + b) − (S h + c): the activation keeps W and S apart (composite)
+            h = base.to(acc)
+            z = self.act_fn(nn.functional.linear(h, W, b))
+            if S is not None:
+                z = z - nn.functional.linear(h, S, c)
+            edited = (h + z @ Q).to(base.dtype)
+        return self.dropout(edited)
 
-    def state_dict(self, *args, **kwargs):
-        """pyreft's keys: the learned source's ``weight``, ``bias``; ``rotate_layer`` = Rᵀ."""
-        return {
-            "weight": self.learned_source.weight.data,
-            "bias": self.learned_source.bias.data,
-            "rotate_layer": self.R.data.T,
-        }
+    # -- state dicts: pyreft's keys through torch's own hooks, so nesting and strictness work ----
 
-    def load_state_dict(self, state_dict, *args, **kwargs):
-        with torch.no_grad():
-            self.learned_source.weight.copy_(state_dict["weight"])
-            self.learned_source.bias.copy_(state_dict["bias"])
-            self.R.copy_(state_dict["rotate_layer"].T)
+    #: Entries renamed between the module's attributes and pyreft's keys (LoReFT's own form).
+    renamed: ClassVar[dict[str, str]] = {}
+
+    def _to_pyreft_form(self, state_dict, prefix, local_metadata) -> None:
+        """State-dict post-hook: R as ``rotate_layer`` (embed_dim, rank), pyreft's names."""
+        if self.orthonormal:
+            state_dict[prefix + "rotate_layer"] = state_dict.pop(prefix + "R").T
+        for ours, theirs in self.renamed.items():
+            value = state_dict.pop(prefix + ours)
+            if theirs is not None:
+                state_dict[prefix + theirs] = value
+
+    def _from_pyreft_form(self, state_dict, prefix, *args) -> None:
+        """Load pre-hook: the inverse of :meth:`_to_pyreft_form`, and pyreft's parametrized
+        rotation (torch's ``original`` and ``base``) evaluated into R."""
+        if self.orthonormal:
+            keys = [k for k in state_dict if k.startswith(prefix + "rotate_layer")]
+            if keys:
+                local = {k[len(prefix) :]: state_dict.pop(k) for k in keys}
+                try:
+                    state_dict[prefix + "R"] = rotation_from_state(local)
+                except KeyError as error:
+                    raise KeyError(f"{type(self).__name__}: the rotation {error.args[0]}") from None
+        for ours, theirs in self.renamed.items():
+            if theirs is None:  # not in pyreft's form: this module's own value
+                state_dict.setdefault(prefix + ours, getattr(self, ours))
+            elif prefix + theirs in state_dict:
+                state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+
+
+class LoreftIntervention(_DropIn):
+    """Drop-in for ``pyreft.LoreftIntervention``: h + (act(W h + b) − R h) R, R orthonormal.
+
+    State dict: pyreft's own form, ``weight`` and ``bias`` (the learned source) and
+    ``rotate_layer`` (embed_dim, rank) = Rᵀ.
+    """
+
+    renamed = {
+        "learned_source.weight": "weight",
+        "learned_source.bias": "bias",
+        "embed_dim": None,  # pyvene's buffers, which pyreft's LoReFT state dict leaves out
+        "interchange_dim": None,
+    }
+
+
+class NoreftIntervention(_DropIn):
+    """Drop-in for ``pyreft.NoreftIntervention``: h + (act(W h + b) − (P h + b_P)) P, P free
+    (``proj_layer``, with a bias when ``add_bias=True``)."""
+
+    orthonormal = False
+    projection = True
+    reads = frozenset({"dtype", "dropout", "act_fn", "add_bias"})
+
+
+class DireftIntervention(_DropIn):
+    """Drop-in for ``pyreft.DireftIntervention``: h + act(W h + b) R, R orthonormal."""
+
+    subtracts_projection = False
+
+
+class NodireftIntervention(_DropIn):
+    """Drop-in for ``pyreft.NodireftIntervention``: h + act(W h + b) P, P free (``proj_layer``;
+    its bias, with ``add_bias=True``, is held but not used, as in pyreft)."""
+
+    orthonormal = False
+    projection = True
+    subtracts_projection = False
+    reads = frozenset({"dtype", "dropout", "act_fn", "add_bias"})
+
+
+class ConsreftIntervention(_DropIn):
+    """Drop-in for ``pyreft.ConsreftIntervention``: h + (b − R h) R, b a float32 (rank,)
+    parameter, R orthonormal; no dropout and no activation (pyreft's class has neither)."""
+
+    linear_source = False
+    has_dropout = False
+    reads = frozenset()
+
+
+class LobireftIntervention(_DropIn):
+    """Drop-in for ``pyreft.LobireftIntervention``: h + b R, b a float32 (rank,) parameter, R
+    orthonormal."""
+
+    linear_source = False
+    subtracts_projection = False
+    reads = frozenset({"dropout"})
+
+
+#: pyreft's class name -> its drop-in.
+DROP_INS: dict[str, type[_DropIn]] = {
+    cls.__name__: cls
+    for cls in (
+        LoreftIntervention,
+        NoreftIntervention,
+        DireftIntervention,
+        NodireftIntervention,
+        ConsreftIntervention,
+        LobireftIntervention,
+    )
+}
