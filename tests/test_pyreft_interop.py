@@ -335,3 +335,153 @@ def test_every_pyreft_type_saved_by_pyreft_imports_with_pyrefts_outputs(tmp_path
     _, expected_logits = theirs({"input_ids": ids}, unit_locations=LOCATIONS)
     got = ours(input_ids=ids).logits
     assert max_rel(got, expected_logits.logits) <= 1e-5
+
+
+def test_apply_swaps_every_binding_and_remove_restores():
+    """apply() rebinds pyreft's six classes wherever a loaded module holds them (pyreft's package,
+    pyreft.interventions, a user's alias), as a handle and as a context manager; remove() and the
+    block's end put pyreft's back, and leave a name rebound since alone."""
+    import sys
+    import types
+
+    import pyreft.interventions as pyreft_classes
+
+    from reft_ext.integrations.pyreft import apply
+
+    originals = {name: getattr(pyreft_classes, name) for name in DROP_INS}
+    user = types.ModuleType("a_users_module")
+    user.Alias = pyreft.NoreftIntervention
+    sys.modules[user.__name__] = user
+    try:
+        with apply() as swap:
+            for name, ours in DROP_INS.items():
+                assert getattr(pyreft, name) is ours
+                assert getattr(pyreft_classes, name) is ours
+            assert user.Alias is DROP_INS["NoreftIntervention"]
+            assert "a_users_module.Alias" in swap.replaced
+            assert "pyreft.LoreftIntervention" in swap.replaced
+        for name, original in originals.items():
+            assert getattr(pyreft, name) is original
+            assert getattr(pyreft_classes, name) is original
+        assert user.Alias is originals["NoreftIntervention"]
+
+        handle = apply()
+        user.Alias = "rebound by the user"
+        handle.remove()
+        handle.remove()  # idempotent
+        assert pyreft.LoreftIntervention is originals["LoreftIntervention"]
+        assert user.Alias == "rebound by the user"
+    finally:
+        del sys.modules[user.__name__]
+
+
+class _StackCollator:
+    """Stacks equal-length examples (pyreft's own collator needs a tokenizer)."""
+
+    def __call__(self, examples):
+        return {k: torch.stack([torch.as_tensor(e[k]) for e in examples]) for k in examples[0]}
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_pyreft_trainer_after_apply_trains_ours_and_saves(tmp_path, type_name):
+    """pyreft's own flow after the one-line swap: its class names build our drop-ins, pyreft's
+    ReftTrainerForCausalLM (its optimizer made inside train(), AdamW with weight decay) lowers the
+    loss and R stays orthonormal with no extra call; the save reloads through pyreft's
+    ReftModel.load into our class with the same outputs."""
+    from reft_ext.integrations.pyreft import apply
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=EMBED, layers=4, vocab=64)
+    with apply():
+        reft_model = _pyreft_model(
+            model,
+            lambda: getattr(pyreft, type_name)(
+                embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32, add_bias=False
+            ),
+        )
+    modules = [
+        v[0] if isinstance(v, (tuple, list)) else v for v in reft_model.interventions.values()
+    ]
+    assert all(type(m) is DROP_INS[type_name] for m in modules)
+    ids = torch.randint(3, 64, (8, 6))
+    data = [
+        {
+            "input_ids": row,
+            "attention_mask": torch.ones(6, dtype=torch.long),
+            "labels": row,
+            "intervention_locations": torch.tensor([[0, 5]] * len(LAYERS)),
+        }
+        for row in ids
+    ]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=8,
+        learning_rate=2e-2,
+        weight_decay=0.01,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+    )
+    trainer = pyreft.ReftTrainerForCausalLM(
+        model=reft_model, args=args, train_dataset=data, data_collator=_StackCollator()
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    for module in modules:
+        if hasattr(module, "R"):
+            assert orth_error(module.R) <= 1e-5
+    reft_model.save(str(tmp_path / "adapter"))
+    loaded = pyreft.ReftModel.load(
+        str(tmp_path / "adapter"), tiny_llama(hidden=EMBED, layers=4, vocab=64)
+    )
+    h = torch.randn(3, EMBED)
+    for key, module in zip(reft_model.interventions, modules, strict=True):
+        again = loaded.interventions[key]
+        again = again[0] if isinstance(again, (tuple, list)) else again
+        assert type(again) is DROP_INS[type_name]
+        # pyvene rebuilds with the default keywords: the learned source comes back in pyreft's
+        # default bfloat16, the saved tensors rounded to it (as for pyreft's own classes).
+        assert max_rel(again.eval()(h), module.eval()(h)) <= 2e-2
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_apply_loads_checkpoints_saved_by_pyrefts_classes(tmp_path, type_name):
+    """A checkpoint pyreft saved with its own classes loads through pyreft's ReftModel.load as our
+    drop-ins after apply(), with pyreft's outputs (learned sources bf16-representable, since
+    pyvene rebuilds them in bfloat16). pyreft's own NoReFT/NodiReFT cannot be rebuilt by that
+    load (their class requires add_bias, which pyvene does not pass); ours can."""
+    from reft_ext.integrations.pyreft import apply
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=EMBED, layers=4, vocab=64)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def make():
+        module = _pyreft_intervention(type_name, add_bias=False)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "rotate_layer" not in name:
+                    p.copy_(p.bfloat16().float())
+        return module
+
+    theirs = _pyreft_model(model, make)
+    theirs.save(str(tmp_path))
+    fresh = tiny_llama(hidden=EMBED, layers=4, vocab=64)
+    fresh.load_state_dict(base_state)
+    if type_name in ("NoreftIntervention", "NodireftIntervention"):
+        with pytest.raises(KeyError, match="add_bias"):
+            pyreft.ReftModel.load(str(tmp_path), fresh)
+    with apply():
+        loaded = pyreft.ReftModel.load(str(tmp_path), fresh)
+    h = torch.randn(5, EMBED)
+    for key, intervention in theirs.interventions.items():
+        pyreft_module = intervention[0] if isinstance(intervention, (tuple, list)) else intervention
+        ours = loaded.interventions[key]
+        ours = ours[0] if isinstance(ours, (tuple, list)) else ours
+        assert type(ours) is DROP_INS[type_name]
+        expected = pyreft_module.eval()(h)
+        assert max_rel(ours.eval()(h), expected) <= 1e-5
