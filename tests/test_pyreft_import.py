@@ -9,10 +9,13 @@ import tiny_models
 import torch
 from truth import max_rel
 
+from reft_ext import ReftConfig, get_reft_model, retract_list_
 from reft_ext.integrations.pyreft import (
+    EXPORT_TYPES,
     PYREFT_TYPES,
     load_pyreft_checkpoint,
     read_pyreft_checkpoint,
+    save_pyreft_checkpoint,
 )
 from reft_ext.modules import INTERVENTIONS
 
@@ -161,3 +164,70 @@ def test_drop_in_without_pyvene_names_what_to_install():
         interop.LoreftIntervention  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'NotAClass'"):
         interop.NotAClass  # noqa: B018
+
+
+def test_the_key_format_before_pyvene_0_1_7_imports_the_same(tmp_path):
+    """pyvene before 0.1.7 named interventions ``layer.{l}.comp.{c}.unit.{u}.nunit.{n}#i``; a
+    checkpoint in that form imports to the same interventions as the fixture's current form."""
+    config = json.loads((FIXTURE / "config.json").read_text())
+    old_keys = [
+        f"layer.{rep[0]}.comp.{rep[1]}.unit.{rep[2]}.nunit.{rep[3]}#{key.rsplit('#', 1)[1]}"
+        for rep, key in zip(config["representations"], config["sorted_keys"], strict=True)
+    ]
+    assert old_keys[0] == "layer.1.comp.block_output.unit.pos.nunit.1#0"
+    target = tmp_path / "old"
+    target.mkdir()
+    for new, old in zip(config["sorted_keys"], old_keys, strict=True):
+        shutil.copy(FIXTURE / f"intkey_{new}.bin", target / f"intkey_{old}.bin")
+    (target / "config.json").write_text(json.dumps({**config, "sorted_keys": old_keys}))
+    assert [e.key for e in read_pyreft_checkpoint(target)] == old_keys
+    ids = torch.randint(0, 64, (2, 6))
+    expected = load_pyreft_checkpoint(tiny_llama(), FIXTURE)(input_ids=ids).logits
+    assert torch.equal(load_pyreft_checkpoint(tiny_llama(), target)(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("intervention", sorted(INTERVENTIONS))
+@pytest.mark.parametrize("share_weights", [False, True])
+def test_export_to_pyreft_and_import_back(tmp_path, intervention, share_weights):
+    """save_pyreft_checkpoint writes pyvene's layout (the fixture's config fields, one file per
+    intervention) and load_pyreft_checkpoint reads it back to the same interventions: tensors
+    within 1e-6 (the parametrized rotation is re-evaluated) and the same logits."""
+    torch.manual_seed(0)
+    config = ReftConfig(
+        layers=[0, 2], rank=3, intervention=intervention, share_weights=share_weights
+    )
+    ours = get_reft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for p in ours.interventions.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # away from their initial values
+    if INTERVENTIONS[intervention].orthonormal:
+        Rs = [m.R for m in ours.interventions.values()]
+        if intervention in ("consreft", "lobireft"):  # held as a parametrization: refused
+            with pytest.raises(ValueError, match=r"layer0_\w+: R's rows are not orthonormal"):
+                save_pyreft_checkpoint(ours, tmp_path / "refused")
+        retract_list_([R.data for R in Rs])
+    written = save_pyreft_checkpoint(ours, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert set(saved) == set(json.loads((FIXTURE / "config.json").read_text()))
+    groups = 1 if share_weights else 2
+    assert len(written) == 1 + 2 * groups and len(saved["sorted_keys"]) == 2 * groups
+    assert saved["sorted_keys"][0] == "layer_0_comp_block_output_unit_pos_nunit_1#0"
+    assert {e.type_name for e in read_pyreft_checkpoint(tmp_path)} == {
+        EXPORT_TYPES[intervention][0]
+    }
+    back = load_pyreft_checkpoint(tiny_llama(), tmp_path, positions="f1+l1")
+    assert back.reft_config.intervention == intervention
+    assert back.reft_config.share_weights == share_weights
+    for key, module in ours.interventions.items():
+        again = back.interventions[key]
+        for name, p in module.named_parameters():
+            assert max_rel(getattr(again, name), p) <= 1e-6, (key, name)
+    ids = torch.randint(0, 64, (2, 6))
+    assert max_rel(back(input_ids=ids).logits, ours(input_ids=ids).logits) <= 1e-5
+
+
+def test_export_types_are_the_importers_inverse():
+    """Each reft_ext type exports as a pyreft class that the importer maps back onto it."""
+    assert set(EXPORT_TYPES) == set(INTERVENTIONS)
+    for name, (pyreft_name, _) in EXPORT_TYPES.items():
+        assert PYREFT_TYPES[pyreft_name][0] == name

@@ -4,6 +4,7 @@ pyreft 0.1.0 pins transformers 4.45.1, so these tests live in their own environm
 module is skipped as a whole.
 """
 
+import contextlib
 import copy
 import warnings
 
@@ -22,6 +23,7 @@ from reft_ext.integrations.pyreft import (  # noqa: E402
     load_pyreft_checkpoint,
 )
 from reft_ext.integrations.pyreft_interventions import DROP_INS  # noqa: E402
+from reft_ext.modules import INTERVENTIONS  # noqa: E402
 
 EMBED, RANK = 64, 4
 
@@ -485,3 +487,56 @@ def test_apply_loads_checkpoints_saved_by_pyrefts_classes(tmp_path, type_name):
         assert type(ours) is DROP_INS[type_name]
         expected = pyreft_module.eval()(h)
         assert max_rel(ours.eval()(h), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("intervention", ["loreft", "noreft", "direft", "consreft", "lobireft"])
+def test_export_loads_in_pyreft_with_our_outputs(tmp_path, intervention):
+    """A reft_ext ReftModel exported with save_pyreft_checkpoint loads through pyreft's
+    ReftModel.load — with pyreft's own classes where pyreft can rebuild them, and after apply()
+    for all — and computes ours: every intervention's output and the logits at the first and last
+    token (fp32, learned sources bf16-representable since pyvene rebuilds them in bfloat16)."""
+    from reft_ext import ReftConfig, get_reft_model
+    from reft_ext.integrations.pyreft import EXPORT_TYPES, apply, save_pyreft_checkpoint
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=EMBED, layers=4, vocab=64)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = ReftConfig(layers=LAYERS, rank=RANK, intervention=intervention, share_weights=True)
+    ours = get_reft_model(model, config).eval()
+    orthonormal = INTERVENTIONS[intervention].orthonormal
+    with torch.no_grad():  # pyreft holds an orthonormal R in float32, all else in bfloat16
+        for name, p in ours.interventions.named_parameters():
+            if not (orthonormal and name.endswith(".R")):
+                p.copy_((p + torch.randn_like(p) * 0.1).bfloat16().float())
+    save_pyreft_checkpoint(ours, tmp_path)
+
+    def fresh():
+        again = tiny_llama(hidden=EMBED, layers=4, vocab=64)
+        again.load_state_dict(base_state)
+        return again
+
+    loads = [apply]
+    if intervention in ("loreft", "consreft", "lobireft"):
+        loads.append(contextlib.nullcontext)  # pyreft's own classes
+    ids = torch.randint(3, 64, (2, 6))
+    expected_logits = ours(input_ids=ids).logits
+    for swap in loads:
+        with swap():
+            theirs = pyreft.ReftModel.load(str(tmp_path), fresh())
+        pyreft_name = EXPORT_TYPES[intervention][0]
+        for layer, (_, intervention_module) in zip(
+            LAYERS, theirs.interventions.items(), strict=True
+        ):
+            module = (
+                intervention_module[0]
+                if isinstance(intervention_module, (tuple, list))
+                else intervention_module
+            )
+            assert type(module).__name__ == pyreft_name
+            assert (type(module) is DROP_INS[pyreft_name]) == (swap is apply)
+            h = torch.randn(5, EMBED)
+            expected = ours.interventions[f"layer{layer}_shared"](h)
+            assert max_rel(module.eval()(h.to(torch.bfloat16)).float(), expected) <= 2e-2
+            assert max_rel(module.float()(h), expected) <= 1e-5
+        _, got = theirs({"input_ids": ids}, unit_locations=LOCATIONS)
+        assert max_rel(got.logits, expected_logits) <= 1e-5

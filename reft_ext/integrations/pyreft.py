@@ -24,8 +24,9 @@ from torch import nn
 from ..hf import ReftConfig, ReftModel, get_reft_model, intervention_key
 from ..hf.blocks import hidden_size
 
-# pyvene's RepresentationConfig fields, in the order config.json lists them.
+# pyvene's RepresentationConfig fields, in the order config.json lists them (14 in all).
 _LAYER, _COMPONENT, _UNIT, _MAX_UNITS, _RANK = range(5)
+_FIELDS = 14
 _SUPPORTED_COMPONENTS = {"block_output"}
 _ROTATE = "rotate_layer.parametrizations.weight."  # torch's orthogonal parametrization's keys
 
@@ -241,6 +242,131 @@ def load_pyreft_checkpoint(
                 for name, tensor in entry.tensors.items():
                     getattr(module, name).copy_(tensor)
     return reft_model
+
+
+def _rotation_state(R: torch.Tensor) -> Tensors:
+    """The state of pyreft's ``orthogonal(LowRankRotateLayer)`` whose ``weight`` is Rᵀ: torch's
+    parametrization set to Rᵀ through its right inverse, as pyreft's constructor does (the d×d
+    ``base`` completes Rᵀ's columns with seeded random ones)."""
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.empty(R.shape[1], R.shape[0]))
+    nn.utils.parametrizations.orthogonal(holder, "weight")
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        holder.weight = R.detach().T.to(torch.float32).cpu()
+    return {
+        _ROTATE + k.removeprefix("parametrizations.weight."): v
+        for k, v in holder.state_dict().items()
+    }
+
+
+def _export_loreft(R, W, b, width) -> Tensors:
+    return {"weight": W, "bias": b, "rotate_layer": R.T.contiguous()}
+
+
+def _export_projection(R, W, b, width) -> Tensors:
+    # NoReFT and DiReFT (free R) as pyreft's NoReFT/NodiReFT: R is proj_layer's weight, no bias.
+    width = torch.tensor(width)
+    return {
+        "embed_dim": width,
+        "interchange_dim": width.clone(),
+        "proj_layer.weight": R,
+        "learned_source.weight": W,
+        "learned_source.bias": b,
+    }
+
+
+def _export_constant_source(R, W, b, width) -> Tensors:
+    # torch's parametrization can only hold orthonormal rows: anything else would change R.
+    error = (R @ R.T - torch.eye(R.shape[0])).abs().max().item()
+    if not error <= 1e-4:
+        raise ValueError(
+            f"R's rows are not orthonormal (max |R Rᵀ − I| = {error:.2e}); pyreft's "
+            "ConsReFT/LoBiReFT hold R as an orthogonal parametrization: retract it first "
+            "(reft_ext.retract_)"
+        )
+    width = torch.tensor(width)
+    return {
+        "embed_dim": width,
+        "interchange_dim": width.clone(),
+        "learned_source": b,
+        **_rotation_state(R),
+    }
+
+
+#: reft_ext's intervention name -> (the pyreft class that computes it exactly, its state dict
+#: from R, W (None without one), b and the hidden size). DiReFT's R is free in reft_ext and
+#: orthonormal in pyreft's DireftIntervention: its exact match is NodireftIntervention.
+EXPORT_TYPES: dict[str, tuple[str, Callable[..., Tensors]]] = {
+    "loreft": ("LoreftIntervention", _export_loreft),
+    "noreft": ("NoreftIntervention", _export_projection),
+    "direft": ("NodireftIntervention", _export_projection),
+    "consreft": ("ConsreftIntervention", _export_constant_source),
+    "lobireft": ("LobireftIntervention", _export_constant_source),
+}
+
+
+def save_pyreft_checkpoint(reft_model: ReftModel, directory: str | Path) -> list[Path]:
+    """Write ``reft_model``'s interventions as a pyreft checkpoint folder, which pyreft's
+    ``ReftModel.load(directory, model)`` and :func:`load_pyreft_checkpoint` read.
+
+    pyvene's layout (``config.json`` with its representations, types and ``sorted_keys``
+    ``layer_<l>_comp_block_output_unit_pos_nunit_1#<i>``; one ``intkey_<key>.bin`` per
+    intervention), pyreft's classes (:data:`EXPORT_TYPES`) and their state dicts, float32. Per
+    layer, the interventions in reft_ext's position-group order (first, then last; one when
+    weights are shared). pyreft does not save positions, dropout or dtypes: pass the positions
+    to the loader again, and pyvene rebuilds learned sources in bfloat16 (pyreft's default).
+    pyreft's ConsReFT/LoBiReFT state holds its parametrization's d×d ``base`` (4·d² bytes per
+    intervention). pyreft's own NoReFT/NodiReFT classes cannot be rebuilt by its load (they
+    require ``add_bias``, which pyvene does not pass): load those under :func:`apply`.
+
+    Args:
+        reft_model: a :class:`reft_ext.ReftModel` with block-output interventions.
+        directory: the folder (created if needed).
+
+    Returns:
+        The paths written (``config.json`` first).
+    """
+    config = reft_model.reft_config
+    pyreft_name, export = EXPORT_TYPES[config.intervention]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    keys, representations, written = [], [], []
+    for layer in reft_model.layers:
+        for index, group in enumerate(reft_model._groups):
+            module = reft_model.interventions[intervention_key(layer, group)]
+            tensors = {
+                name: getattr(module, name).detach().to(torch.float32).cpu().contiguous()
+                for name in ("R", "W", "b")
+                if hasattr(module, name)
+            }
+            try:
+                state = export(tensors["R"], tensors.get("W"), tensors["b"], module.embed_dim)
+            except ValueError as error:
+                raise ValueError(f"{intervention_key(layer, group)}: {error}") from None
+            key = f"layer_{layer}_comp_{config.component}_unit_pos_nunit_1#{index}"
+            path = directory / f"intkey_{key}.bin"
+            torch.save(state, path)
+            written.append(path)
+            keys.append(key)
+            representation = [None] * _FIELDS
+            representation[_LAYER], representation[_COMPONENT] = layer, config.component
+            representation[_UNIT], representation[_MAX_UNITS] = "pos", 1
+            representation[_RANK] = config.rank
+            representations.append(representation)
+    import transformers
+
+    pyvene_config = {
+        "intervention_constant_sources": [True] * len(keys),
+        "intervention_dimensions": [reft_model._hidden_size] * len(keys),
+        "intervention_types": [f"<class 'pyreft.interventions.{pyreft_name}'>"] * len(keys),
+        "mode": "parallel",
+        "representations": representations,
+        "sorted_keys": keys,
+        "transformers_version": transformers.__version__,
+    }
+    (directory / "config.json").write_text(json.dumps(pyvene_config, indent=2))
+    return [directory / "config.json", *written]
 
 
 class PyreftSwap:
