@@ -11,6 +11,7 @@ from reft_ext.bench.__main__ import main as bench_main
 from reft_ext.bench.cases import (
     HookCase,
     OpCase,
+    PyreftStepCase,
     TrainStepCase,
     op_providers,
     pyreft_module,
@@ -212,3 +213,31 @@ def test_hook_and_train_step_tables_derive_added_time_and_overhead():
     assert suite_table(rows, "train-step", TrainStepCase.columns).splitlines()[2] == (
         "| 2 | 256 | 512 | 4 | 200.0 | 210.0 | 300.0 | +5.0% | +50.0% | 0.0 / 0.0 / 0.0 |"
     )
+
+
+def test_pyreft_step_table_derives_the_overhead_ratio():
+    """The pyreft-step table: each provider's overhead above the frozen step and the swap's added
+    time over pyreft's ("-" where pyreft adds nothing, noise)."""
+    case = {"model": "d2048", "r": 8, "positions": "all", "B": 2, "T": 64}
+    medians = {"frozen": 0.2, "pyreft": 0.28, "swap": 0.22}
+    rows = [_measurement("pyreft-step", case, p, v) for p, v in medians.items()]
+    assert suite_table(rows, "pyreft-step", PyreftStepCase.columns).splitlines()[2] == (
+        "| d2048 | 8 | all | 2 | 64 | 200.0 | 280.0 | 220.0 | +40.0% | +10.0% | 0.25 "
+        "| 0.0 / 0.0 / 0.0 |"
+    )
+    rows = [
+        _measurement("pyreft-step", case, p, v) for p, v in (medians | {"pyreft": 0.19}).items()
+    ]
+    assert (
+        suite_table(rows, "pyreft-step", PyreftStepCase.columns).splitlines()[2].split(" | ")[-2]
+        == "-"
+    )
+
+
+def test_pyreft_step_suite_is_empty_without_pyreft(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyreft", None)
+    pyreft_module.cache_clear()
+    try:
+        assert PyreftStepCase.grid(quick=True) == PyreftStepCase.grid(quick=False) == []
+    finally:
+        pyreft_module.cache_clear()

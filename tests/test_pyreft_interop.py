@@ -540,3 +540,33 @@ def test_export_loads_in_pyreft_with_our_outputs(tmp_path, intervention):
             assert max_rel(module.float()(h), expected) <= 1e-5
         _, got = theirs({"input_ids": ids}, unit_locations=LOCATIONS)
         assert max_rel(got.logits, expected_logits) <= 1e-5
+
+
+def test_bench_pyreft_step_providers_train_pyrefts_class_and_ours():
+    """The pyreft-step benchmark's providers run: ``pyreft`` steps pyreft's own class, ``swap``
+    our drop-in (built under apply(), which is undone afterwards), and each call updates R."""
+    from reft_ext.bench.cases import PyreftStepCase, pyreft_step_calls
+
+    original = pyreft.LoreftIntervention
+    calls = pyreft_step_calls(PyreftStepCase(T=8), torch.device("cpu"))
+    assert list(calls) == ["frozen", "pyreft", "swap"]
+    assert pyreft.LoreftIntervention is original
+    (grad,) = calls["frozen"]()
+    assert grad.shape == (2, 8, 64) and grad.abs().sum() > 0
+    for provider, kind in (("pyreft", original), ("swap", DROP_INS["LoreftIntervention"])):
+        step = calls[provider]
+        reft = step.reft_model
+        modules = list(reft.interventions.values())
+        assert all(type(m) is kind for m in modules)
+        before = [
+            m.rotate_layer.weight.detach().clone() if provider == "pyreft" else m.R.detach().clone()
+            for m in modules
+        ]
+        step()
+        after = [
+            m.rotate_layer.weight.detach() if provider == "pyreft" else m.R.detach()
+            for m in modules
+        ]
+        assert all(
+            not torch.equal(b.reshape(a.shape), a) for b, a in zip(before, after, strict=True)
+        )

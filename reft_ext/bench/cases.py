@@ -541,5 +541,133 @@ def train_step_calls(case: TrainStepCase, device: torch.device) -> dict:
     }
 
 
+#: The pyreft-step suite's base models: name -> (LlamaConfig keywords, intervened blocks). Random
+#: weights (no download); "smollm2" has SmolLM2-135M's shape.
+PYREFT_STEP_MODELS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=64),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+    "d2048": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
+                  num_attention_heads=16, num_key_value_heads=16, vocab_size=1000),
+}  # fmt: skip
+
+
+def _overhead_ratio(m: dict[str, float]) -> float | None:
+    """The swap's time above the frozen step over pyreft's (None when pyreft adds nothing)."""
+    pyreft_added = m["pyreft"] - m["frozen"]
+    return (m["swap"] - m["frozen"]) / pyreft_added if pyreft_added > 0 else None
+
+
+@dataclass(frozen=True)
+class PyreftStepCase(Case):
+    """One pyreft training step (forward, backward, AdamW step) of a random Llama with LoReFT at
+    its first 4 blocks, batch B × T tokens, editing ``positions`` (``f1+l1`` or ``all``)."""
+
+    suite: ClassVar[str] = "pyreft-step"
+    title: ClassVar[str] = (
+        "pyreft training step: pyreft's LoreftIntervention vs after reft_ext's apply() swap"
+    )
+    columns: ClassVar[tuple[Column, ...]] = (
+        _overhead("pyreft", "frozen"),
+        _overhead("swap", "frozen"),
+        Column("swap added / pyreft added", ("frozen", "pyreft", "swap"), _overhead_ratio,
+               "{:.2f}".format),
+    )  # fmt: skip
+
+    model: str = "tiny"
+    r: int = 4
+    positions: str = "f1+l1"
+    B: int = 2
+    T: int = 64
+
+    @classmethod
+    def grid(cls, quick: bool) -> list[PyreftStepCase]:
+        """Empty where pyreft is not importable."""
+        if pyreft_module() is None:
+            return []
+        if quick:
+            return [cls()]
+        return [
+            cls(model=m, r=r, positions=p)
+            for m in PYREFT_STEP_MODELS
+            for r in (4, 8)
+            for p in ("f1+l1", "all")
+        ]
+
+    def calls(self, device: torch.device) -> dict[str, Callable[[], object]]:
+        return pyreft_step_calls(self, device)
+
+
+def pyreft_step_calls(case: PyreftStepCase, device: torch.device) -> dict:
+    """Zero-argument callables per provider, on one model with the same weights and batch:
+
+    - ``frozen``: the model's forward+backward (gradient w.r.t. the input embeddings: the same
+      backward depth as the interventions', with nothing to update);
+    - ``pyreft``: pyreft's ReftModel with its ``LoreftIntervention`` (float32) at blocks 0-3,
+      forward with unit_locations, backward, AdamW step;
+    - ``swap``: the same, built after ``reft_ext.integrations.pyreft.apply()`` (our drop-in).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..integrations.pyreft import apply
+
+    pyreft = pyreft_module()
+    config = LlamaConfig(**PYREFT_STEP_MODELS[case.model])
+    model = LlamaForCausalLM(config).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    d, layers = config.hidden_size, range(4)
+    embeds = torch.randn(case.B, case.T, d, device=device)
+    labels = torch.randint(0, config.vocab_size, (case.B, case.T), device=device)
+    where = [0, case.T - 1] if case.positions == "f1+l1" else list(range(case.T))
+    locations = {"sources->base": (None, [[where] * case.B] * len(layers))}
+
+    def build():
+        representations = [
+            {
+                "layer": layer,
+                "component": "block_output",
+                "low_rank_dimension": case.r,
+                "intervention": pyreft.LoreftIntervention(
+                    embed_dim=d, low_rank_dimension=case.r, dtype=torch.float32
+                ),
+            }
+            for layer in layers
+        ]
+        with contextlib.redirect_stdout(io.StringIO()):
+            reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=representations))
+        reft.set_device(device)
+        params = [p for p in reft.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            _, out = reft({"inputs_embeds": embeds}, unit_locations=locations, labels=labels)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step.reft_model = reft  # for inspection (tests)
+        return step
+
+    frozen_embeds = embeds.clone().requires_grad_()
+
+    def frozen():
+        loss = model(inputs_embeds=frozen_embeds, labels=labels).loss
+        return torch.autograd.grad(loss, frozen_embeds)
+
+    theirs = build()
+    with apply():
+        ours = build()
+    return {"frozen": frozen, "pyreft": theirs, "swap": ours}
+
+
 #: Every suite, in running (and table) order.
-SUITES: tuple[type[Case], ...] = (OpCase, GradSkipCase, RetractionCase, HookCase, TrainStepCase)
+SUITES: tuple[type[Case], ...] = (
+    OpCase,
+    GradSkipCase,
+    RetractionCase,
+    HookCase,
+    TrainStepCase,
+    PyreftStepCase,
+)

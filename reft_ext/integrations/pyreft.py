@@ -422,7 +422,7 @@ def apply() -> PyreftSwap:
         ) from error
     from .pyreft_interventions import DROP_INS
 
-    # By identity: the values scanned below may be unhashable.
+    # Keyed by identity: the values scanned below may be unhashable.
     swaps = {
         id(original): (original, DROP_INS[name])
         for name in DROP_INS
@@ -434,7 +434,8 @@ def apply() -> PyreftSwap:
         if not isinstance(namespace, dict):
             continue
         for name, value in list(namespace.items()):
-            if isinstance(value, type) and id(value) in swaps:
+            # By identity only: touching a value's attributes can warn (deprecated objects).
+            if id(value) in swaps and value is swaps[id(value)][0]:
                 original, ours = swaps[id(value)]
                 setattr(module, name, ours)
                 replaced.append((module, name, original, ours))
