@@ -43,16 +43,53 @@ inline void check_forward_args(const at::Tensor& h, const at::Tensor& P, const a
   check_param(b, "b", {P.size(0)}, h);
 }
 
-// grad_out like h; z (N, r) in the accumulation dtype.
-inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& h,
-                                const at::Tensor& P, const at::Tensor& Q, const at::Tensor& z) {
-  check_factors(h, P, Q);
+// grad_out: h's shape, dtype and device.
+inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& h) {
   check_rows(grad_out, "grad_out");
   TORCH_CHECK(grad_out.sizes() == h.sizes() && grad_out.scalar_type() == h.scalar_type() &&
                   grad_out.device() == h.device(),
               "grad_out must match h (", h.scalar_type(), " ", h.sizes(), " on ", h.device(),
               "), got ", grad_out.scalar_type(), " ", grad_out.sizes(), " on ", grad_out.device());
+}
+
+// grad_out like h; z (N, r) in the accumulation dtype.
+inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& h,
+                                const at::Tensor& P, const at::Tensor& Q, const at::Tensor& z) {
+  check_factors(h, P, Q);
+  check_grad_out(grad_out, h);
   check_param(z, "z", {h.size(0), P.size(0)}, h);
+}
+
+// Multi-adapter edit: P, Q (A, r, d) with r >= 1; b (A, r); adapter (N,) int64 or int32 on h's
+// device (its values are checked by the kernels: on CPU at once, on CUDA by a device-side assert).
+inline void check_multi_factors(const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
+                                const at::Tensor& adapter) {
+  check_rows(h, "h");
+  TORCH_CHECK(P.dim() == 3 && P.size(1) >= 1, "P must be 3-D (A, r, d) with r >= 1, got ",
+              P.sizes());
+  check_param(P, "P", {P.size(0), P.size(1), h.size(1)}, h);
+  check_param(Q, "Q", P.sizes(), h);
+  TORCH_CHECK(adapter.dim() == 1 && adapter.size(0) == h.size(0), "adapter must have shape (",
+              h.size(0), ",) (one index per row of h), got ", adapter.sizes());
+  TORCH_CHECK(adapter.scalar_type() == at::kLong || adapter.scalar_type() == at::kInt,
+              "adapter must be int64 or int32, got ", adapter.scalar_type());
+  TORCH_CHECK(adapter.device() == h.device(), "adapter must be on ", h.device(), ", got ",
+              adapter.device());
+}
+
+inline void check_multi_forward_args(const at::Tensor& h, const at::Tensor& P,
+                                     const at::Tensor& Q, const at::Tensor& b,
+                                     const at::Tensor& adapter) {
+  check_multi_factors(h, P, Q, adapter);
+  check_param(b, "b", {P.size(0), P.size(1)}, h);
+}
+
+inline void check_multi_backward_args(const at::Tensor& grad_out, const at::Tensor& h,
+                                      const at::Tensor& P, const at::Tensor& Q,
+                                      const at::Tensor& z, const at::Tensor& adapter) {
+  check_multi_factors(h, P, Q, adapter);
+  check_grad_out(grad_out, h);
+  check_param(z, "z", {h.size(0), P.size(1)}, h);
 }
 
 }  // namespace reft_ext

@@ -1,6 +1,7 @@
 // The gradients of lowrank_edit_backward, shared by the CPU and CUDA implementations: each of
 // (grad_h, grad_P, grad_Q, grad_b) is allocated only where output_mask asks for it, and one that is
-// not asked for comes back as an empty (0,) tensor whose work the kernels skip.
+// not asked for comes back as an empty (0,) tensor whose work the kernels skip. P is (r, d) for the
+// single edit and (A, r, d) for the multi-adapter edit; grad_b is then (r,) or (A, r).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,7 +20,7 @@ struct BackwardOutputs {
         grad_h(allocate(h, mask[0], h.sizes())),
         grad_P(allocate(P, mask[1], P.sizes())),
         grad_Q(allocate(P, mask[2], P.sizes())),
-        grad_b(allocate(P, mask[3], {P.size(0)})) {}
+        grad_b(allocate(P, mask[3], P.sizes().slice(0, P.dim() - 1))) {}  // (r,) or (A, r)
 
   bool want_h() const { return mask[0]; }
   bool want_P() const { return mask[1]; }
@@ -33,6 +34,14 @@ struct BackwardOutputs {
     grad_Q.zero_();
     grad_b.zero_();
     return as_tuple();
+  }
+
+  // Data pointers of the wanted parameter gradients (∂P, ∂Q, ∂b), null for the others.
+  template <typename acc_t>
+  std::array<acc_t*, 3> targets() {
+    return {want_P() ? grad_P.mutable_data_ptr<acc_t>() : nullptr,
+            want_Q() ? grad_Q.mutable_data_ptr<acc_t>() : nullptr,
+            want_b() ? grad_b.mutable_data_ptr<acc_t>() : nullptr};
   }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {

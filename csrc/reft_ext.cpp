@@ -11,6 +11,17 @@ TORCH_LIBRARY(reft_ext, m) {
   m.def(
       "lowrank_edit_backward(Tensor grad_out, Tensor h, Tensor P, Tensor Q, Tensor z, "
       "bool[4] output_mask) -> (Tensor grad_h, Tensor grad_P, Tensor grad_Q, Tensor grad_b)");
+  // Per-row adapters: out[i] = h[i] + (h[i] P[a]ᵀ + b[a]) Q[a] with a = adapter[i] for P, Q
+  // (A, r, d), b (A, r) and adapter (N,) int64 or int32 in [-1, A); -1 copies the row (z = 0).
+  m.def(
+      "lowrank_edit_multi_forward(Tensor h, Tensor P, Tensor Q, Tensor b, Tensor adapter) -> "
+      "(Tensor out, Tensor z)");
+  // Gradients of lowrank_edit_multi_forward, masked as lowrank_edit_backward's; grad_P, grad_Q
+  // (A, r, d) and grad_b (A, r) sum each adapter's rows (zeros for an adapter with none).
+  m.def(
+      "lowrank_edit_multi_backward(Tensor grad_out, Tensor h, Tensor P, Tensor Q, Tensor z, "
+      "Tensor adapter, bool[4] output_mask) -> (Tensor grad_h, Tensor grad_P, Tensor grad_Q, "
+      "Tensor grad_b)");
   // Orthonormalizes the rows of R (r, d) or of each R[i] (k, r, d) in place. method: "cholqr2",
   // "qr" or "polar" (csrc/retraction.h).
   m.def("retract_(Tensor(a!) R, str method, bool check_finite=False) -> ()");

@@ -100,3 +100,76 @@ def direft(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -
     """
     _check_inputs("direft", h, {"R": R, "W": W}, b)
     return _edit(h, W, R, b)
+
+
+def _check_multi_inputs(
+    h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor, adapter: torch.Tensor
+) -> None:
+    """Raise TypeError/ValueError naming the argument when lowrank_edit_multi's inputs do not fit."""
+    op = "lowrank_edit_multi"
+    for name, t in {"h": h, "P": P, "Q": Q, "b": b, "adapter": adapter}.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
+    if h.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: h must be {SUPPORTED_NAMES}, got {h.dtype}")
+    if h.dim() < 1:
+        raise ValueError(f"{op}: h must have shape (..., d), got a 0-d tensor")
+    d = h.shape[-1]
+    if P.dim() != 3 or P.shape[1] < 1 or P.shape[2] != d:
+        raise ValueError(
+            f"{op}: P must have shape (A, r, d) with r >= 1 and d = h.shape[-1] = {d}, "
+            f"got {tuple(P.shape)}"
+        )
+    A, r = P.shape[0], P.shape[1]
+    for name, t, expected in (("Q", Q, (A, r, d)), ("b", b, (A, r))):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{op}: {name} must have shape {expected} (P's A, r), got {tuple(t.shape)}")
+    for name, t in {"P": P, "Q": Q, "b": b}.items():
+        if t.dtype not in (h.dtype, torch.float32):
+            raise ValueError(
+                f"{op}: {name} must have h's dtype ({h.dtype}) or torch.float32, got {t.dtype}"
+            )
+    for name, t in {"P": P, "Q": Q, "b": b, "adapter": adapter}.items():
+        if t.device != h.device:
+            raise ValueError(f"{op}: {name} must be on h's device ({h.device}), got {t.device}")
+    if adapter.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: adapter must be torch.int32 or torch.int64, got {adapter.dtype}")
+    if tuple(adapter.shape) != tuple(h.shape[:-1]):
+        raise ValueError(
+            f"{op}: adapter must have h's leading shape {tuple(h.shape[:-1])} (one index per row), "
+            f"got {tuple(adapter.shape)}"
+        )
+
+
+def lowrank_edit_multi(
+    h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor, adapter: torch.Tensor
+) -> torch.Tensor:
+    """A different low-rank edit per row: ``out[i] = h[i] + (P[a] h[i] + b[a]) Q[a]``, a = adapter[i].
+
+    One fused pass over h for a batch that mixes adapters (BGMV/SGMV-style serving, or training
+    several adapters in one batch); rows with ``adapter[i] == -1`` are copied exactly. Adapters of
+    lower rank are padded to r with zero rows of P, Q and b (a zero row adds nothing). With every
+    row on one adapter the result is bit for bit that of :func:`lowrank_edit`.
+
+    Args:
+        h: hidden states (..., d); float64, float32, bfloat16 or float16.
+        P: (A, r, d) projections of the A adapters, h's dtype or float32.
+        Q: (A, r, d) back-projections, h's dtype or float32.
+        b: (A, r) biases, h's dtype or float32.
+        adapter: h.shape[:-1], int64 or int32: each row's adapter in [-1, A).
+
+    Returns:
+        Tensor of h's shape and dtype, differentiable in h, P, Q and b (each adapter's gradient
+        sums over its rows; an adapter with no rows gets zeros). An index outside [-1, A) raises
+        (on CUDA through a device-side assert, without a host synchronization).
+    """
+    _check_multi_inputs(h, P, Q, b, adapter)
+    acc = accumulation_dtype(h.dtype)
+    rows = h.reshape(h.shape[:-1].numel(), h.shape[-1]).contiguous()
+    P, Q, b = (t.to(acc).contiguous() for t in (P, Q, b))
+    out, _ = torch.ops.reft_ext.lowrank_edit_multi_forward(
+        rows, P, Q, b, adapter.reshape(-1).contiguous()
+    )
+    return out.view(h.shape)

@@ -9,6 +9,11 @@ Raw ops (all tensors contiguous; acc = float64 for float64 rows, float32 otherwi
     lowrank_edit_backward(grad_out (N, d), h, P, Q, z, output_mask [4 bools: h, P, Q, b])
         -> (grad_h (N, d), grad_P (r, d), grad_Q (r, d), grad_b (r,)); a gradient not in the
         mask is an empty (0,) tensor.
+    lowrank_edit_multi_forward(h (N, d), P (A, r, d) acc, Q (A, r, d) acc, b (A, r) acc,
+                               adapter (N,) int64 or int32 in [-1, A))
+        -> (out (N, d), z (N, r) acc): row i edited by adapter[i]'s factors, -1 copied (z = 0).
+        Differentiable in h, P, Q and b through lowrank_edit_multi_backward(grad_out, h, P, Q, z,
+        adapter, output_mask) -> (grad_h, grad_P (A, r, d), grad_Q, grad_b (A, r)).
     retract_(R (r, d) or (k, r, d), method "cholqr2" | "qr" | "polar", check_finite=False)
         -> None, R in place. A matrix holding NaN or Inf is set to NaN, or with check_finite left
         as it was and reported: ValueError on CPU (after the batch), a device-side assert on CUDA
@@ -60,14 +65,18 @@ def _lowrank_edit_backward(ctx, grad_out, _grad_z):
     with torch.no_grad():
         grads = torch.ops.reft_ext.lowrank_edit_backward(grad_out.contiguous(), h, P, Q, z, mask)
     grads = tuple(g if wanted else None for g, wanted in zip(grads, mask, strict=True))
-    if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
+    return _first_order(grads, h, P, Q, grad_out)
+
+
+def _first_order(grads, *sources):
+    """``grads`` as they are for the usual backward (create_graph=False). Under create_graph=True
+    they depend on ``sources``: link them to those in the graph through a node that raises,
+    instead of handing back constants (torch's once_differentiable raises only when the incoming
+    gradient requires grad, so a Hessian came out as silent zeros)."""
+    if not torch.is_grad_enabled():
         return grads
-    # create_graph=True: the gradients depend on h, P, Q and grad_out. Link them to those in the
-    # graph through a node that raises, instead of handing back constants (torch's
-    # once_differentiable raises only when the incoming gradient requires grad, so a Hessian came
-    # out as silent zeros).
     wanted = [g for g in grads if g is not None]
-    linked = iter(_FirstOrderOnly.apply(4, h, P, Q, grad_out, *wanted))
+    linked = iter(_FirstOrderOnly.apply(len(sources), *sources, *wanted))
     return tuple(None if g is None else next(linked) for g in grads)
 
 
@@ -105,6 +114,12 @@ class _FirstOrderOnly(torch.autograd.Function):
 @torch.library.register_fake("reft_ext::lowrank_edit_backward")
 def _lowrank_edit_backward_fake(grad_out, h, P, Q, z, output_mask):
     _check_same_device("lowrank_edit_backward", h, grad_out=grad_out, P=P, Q=Q, z=z)
+    return _masked_gradients(h, P, output_mask)
+
+
+def _masked_gradients(h, P, output_mask):
+    """Fake (grad_h, grad_P, grad_Q, grad_b) of a backward op: h's and P's shapes, b's is P's
+    without the last dimension, (0,) where output_mask does not ask for the gradient."""
 
     def shaped(like, wanted, shape):
         return like.new_empty(shape if wanted else (0,))
@@ -114,8 +129,50 @@ def _lowrank_edit_backward_fake(grad_out, h, P, Q, z, output_mask):
         shaped(h, want_h, h.shape),
         shaped(P, want_P, P.shape),
         shaped(P, want_Q, P.shape),
-        shaped(P, want_b, (P.shape[0],)),
+        shaped(P, want_b, P.shape[:-1]),
     )
+
+
+# lowrank_edit_multi_forward / lowrank_edit_multi_backward -----------------------------------------
+
+
+@torch.library.register_fake("reft_ext::lowrank_edit_multi_forward")
+def _lowrank_edit_multi_forward_fake(h, P, Q, b, adapter):
+    _check_same_device("lowrank_edit_multi_forward", h, P=P, Q=Q, b=b, adapter=adapter)
+    return torch.empty_like(h), h.new_empty((h.shape[0], P.shape[1]), dtype=P.dtype)
+
+
+def _lowrank_edit_multi_setup_context(ctx, inputs, output):
+    h, P, Q, _, adapter = inputs
+    _, z = output
+    ctx.save_for_backward(h, P, Q, z, adapter)
+    ctx.mark_non_differentiable(z)
+
+
+def _lowrank_edit_multi_backward(ctx, grad_out, _grad_z):
+    h, P, Q, z, adapter = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:4])
+    with torch.no_grad():
+        grads = torch.ops.reft_ext.lowrank_edit_multi_backward(
+            grad_out.contiguous(), h, P, Q, z, adapter, mask
+        )
+    grads = tuple(g if wanted else None for g, wanted in zip(grads, mask, strict=True))
+    return *_first_order(grads, h, P, Q, grad_out), None
+
+
+torch.library.register_autograd(
+    "reft_ext::lowrank_edit_multi_forward",
+    _lowrank_edit_multi_backward,
+    setup_context=_lowrank_edit_multi_setup_context,
+)
+
+
+@torch.library.register_fake("reft_ext::lowrank_edit_multi_backward")
+def _lowrank_edit_multi_backward_fake(grad_out, h, P, Q, z, adapter, output_mask):
+    _check_same_device(
+        "lowrank_edit_multi_backward", h, grad_out=grad_out, P=P, Q=Q, z=z, adapter=adapter
+    )
+    return _masked_gradients(h, P, output_mask)
 
 
 # retract_ -----------------------------------------------------------------------------------------

@@ -1,0 +1,267 @@
+// Row kernels of the low-rank edit on the CPU, shared by the single-adapter ops
+// (lowrank_edit_cpu.cpp) and the multi-adapter ops (lowrank_edit_multi_cpu.cpp): rows taken in
+// blocks of kRowBlock, walked in register-wide strips (csrc/cpu/simd_lanes.h), visited in the order
+// the caller gives. The accumulation types, the fixed-order lane sum and the deterministic
+// partial-sum grouping come from csrc/lowrank_edit.h, as in the CUDA kernels.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "../lowrank_edit.h"
+#include "convert.h"
+#include "isa_dispatch.h"
+#include "simd_lanes.h"
+
+namespace reft_ext {
+namespace cpu {
+
+
+// The row in accumulation precision: the row itself when it already is, else converted into buffer.
+template <typename scalar_t, typename acc_t>
+REFT_ROW_INLINE const acc_t* row_as_acc(const scalar_t* row, int64_t d, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    widen(row, d, buffer);
+    return buffer;
+  }
+}
+
+// Rows are processed in blocks of kRowBlock: each strip of P, Q and of the partial sums is loaded
+// once per block instead of once per row, which keeps those r×d matrices out of the row's way.
+constexpr int kRowBlock = 4;
+// The backward pass adds each block's rows into the r×d partial sums of ∂P and ∂Q, which do not
+// fit in L1 beside the rows: blocks of 8 rows halve that partial traffic per row. (Its projections
+// and edits still go 4 rows at a time, which keeps their accumulators in registers.)
+constexpr int kBackwardRowBlock = 8;
+
+// z[i][k] = Σ_j P[k, j] x[i][j] + b[k] for the M rows x[i], ranks [k, k + K) (b may be null).
+template <int M, int K, typename acc_t>
+REFT_ROW_INLINE void project_ranks(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
+                                   int64_t k, acc_t* const* z) {
+  constexpr int V = Vec<acc_t>::kLanes;
+  const int64_t full = d - d % V;
+  vec_t<acc_t> lane[K][M] = {};
+  for (int64_t j = 0; j < full; j += V) {
+    for (int q = 0; q < K; ++q) {
+      const vec_t<acc_t> wj = load_vec(P + (k + q) * d + j);
+      for (int i = 0; i < M; ++i) lane[q][i] += load_vec(x[i] + j) * wj;
+    }
+  }
+  for (int q = 0; q < K; ++q) {
+    const acc_t* w = P + (k + q) * d;
+    for (int i = 0; i < M; ++i) {
+      acc_t tail = 0;
+      for (int64_t j = full; j < d; ++j) tail += x[i][j] * w[j];
+      z[i][k + q] = reduce_vec<acc_t>(lane[q][i]) + tail + (b ? b[k + q] : acc_t(0));
+    }
+  }
+}
+
+// All r projections, two ranks per sweep: each loaded strip of a row feeds two accumulators.
+template <int M, typename acc_t>
+REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
+                                  int64_t r, acc_t* const* z) {
+  int64_t k = 0;
+  for (; k + 2 <= r; k += 2) project_ranks<M, 2>(x, P, b, d, k, z);
+  if (k < r) project_ranks<M, 1>(x, P, b, d, k, z);
+}
+
+// y[i] = x[i] + Σ_k z[i][k] Q[k, :] for the M rows, written in y's dtype; each strip of y once.
+template <int M, typename scalar_t, typename acc_t>
+REFT_ROW_INLINE void edit_rows(const acc_t* const* x, const acc_t* const* z, const acc_t* Q,
+                               int64_t d, int64_t r, scalar_t* const* y) {
+  constexpr int V = Vec<acc_t>::kLanes;
+  const int64_t full = d - d % V;
+  for (int64_t j = 0; j < full; j += V) {
+    vec_t<acc_t> strip[M];
+    for (int i = 0; i < M; ++i) strip[i] = load_vec(x[i] + j);
+    for (int64_t k = 0; k < r; ++k) {
+      const vec_t<acc_t> qj = load_vec(Q + k * d + j);
+      for (int i = 0; i < M; ++i) strip[i] += z[i][k] * qj;
+    }
+    for (int i = 0; i < M; ++i) narrow_vec<scalar_t, acc_t>(strip[i], y[i] + j);
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int64_t j = full; j < d; ++j) {
+      acc_t value = x[i][j];
+      for (int64_t k = 0; k < r; ++k) value += z[i][k] * Q[k * d + j];
+      narrow(&value, 1, y[i] + j);
+    }
+  }
+}
+
+// acc[k, :] += Σ_i c[i][k] x[i] for every k < r: the outer-product sums of ∂P and ∂Q.
+template <int M, typename acc_t>
+REFT_ROW_INLINE void accumulate_rows(acc_t* acc, const acc_t* const* c, const acc_t* const* x,
+                                     int64_t d, int64_t r) {
+  constexpr int V = Vec<acc_t>::kLanes;
+  const int64_t full = d - d % V;
+  for (int64_t k = 0; k < r; ++k) {
+    acc_t* a = acc + k * d;
+    for (int64_t j = 0; j < full; j += V) {
+      vec_t<acc_t> strip = load_vec(a + j);
+      for (int i = 0; i < M; ++i) strip += c[i][k] * load_vec(x[i] + j);
+      store_vec(a + j, strip);
+    }
+    for (int64_t j = full; j < d; ++j) {
+      for (int i = 0; i < M; ++i) a[j] += c[i][k] * x[i][j];
+    }
+  }
+}
+
+// The row at sorted position n: order[n], or n itself when there is no order (every row, in turn).
+REFT_ROW_INLINE int64_t row_at(const int64_t* order, int64_t n) { return order ? order[n] : n; }
+
+// Row buffers of one thread: rows converted to the accumulation dtype (when h is not already in
+// it) and the r projections of each row of a block.
+template <typename scalar_t, typename acc_t>
+struct RowScratch {
+  static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> rows;
+  std::vector<acc_t> projections;
+  // Room for `n_rows` converted rows and the projections of a block of `block_rows`.
+  RowScratch(int64_t n_rows, int64_t block_rows, int64_t d, int64_t r)
+      : rows(kConvert ? n_rows * d : 0), projections(block_rows * r) {}
+  // Pointers to the rows at positions [n, n + M) of `order` in src (stride d), converted into
+  // slot `slot` when needed.
+  template <int M>
+  REFT_ROW_INLINE void view(const scalar_t* src, const int64_t* order, int64_t n, int64_t d,
+                            int slot, const acc_t** out) {
+    for (int i = 0; i < M; ++i) {
+      out[i] = row_as_acc(src + row_at(order, n + i) * d, d,
+                          kConvert ? rows.data() + (slot * M + i) * d : nullptr);
+    }
+  }
+};
+
+// Pointers and sizes of one forward call. Rows are visited at positions [begin, end) of `order`
+// (null: rows begin..end themselves); P, Q, b are the factors of the adapter those rows share.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+struct ForwardArgs {
+  const scalar_t* h;
+  const acc_t *P, *Q, *b;
+  scalar_t* out;
+  acc_t* z;
+  int64_t d, r;
+  const int64_t* order = nullptr;
+};
+
+// Pointers and sizes of one backward call. grad_h null: ∂h is not wanted (its pass is skipped);
+// want_P/Q/b false: that parameter's outer-product sums are skipped.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+struct BackwardArgs {
+  const scalar_t *grad_out, *h;
+  const acc_t *P, *Q, *z;
+  scalar_t* grad_h;
+  bool want_P, want_Q, want_b;
+  int64_t d, r;
+  const int64_t* order = nullptr;  // as in ForwardArgs
+};
+
+// Forward on M rows from n: z = x Pᵀ + b, out = x + z Q.
+template <int M, typename scalar_t, typename acc_t>
+REFT_ROW_INLINE void forward_block(RowScratch<scalar_t, acc_t>& scratch,
+                                   const ForwardArgs<scalar_t>& a, int64_t n) {
+  const acc_t* x[M];
+  acc_t* zi[M];
+  scalar_t* y[M];
+  scratch.template view<M>(a.h, a.order, n, a.d, 0, x);
+  for (int i = 0; i < M; ++i) {
+    const int64_t row = row_at(a.order, n + i);
+    zi[i] = a.z + row * a.r;
+    y[i] = a.out + row * a.d;
+  }
+  project_rows<M>(x, a.P, a.b, a.d, a.r, zi);
+  edit_rows<M>(x, zi, a.Q, a.d, a.r, y);
+}
+
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+REFT_ROW_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  RowScratch<scalar_t, acc_t> scratch(kRowBlock, kRowBlock, a.d, a.r);
+  int64_t n = begin;
+  for (; n + kRowBlock <= end; n += kRowBlock) forward_block<kRowBlock>(scratch, a, n);
+  for (; n < end; ++n) forward_block<1>(scratch, a, n);
+}
+
+// Backward on M rows from n: gz = g Qᵀ, ∂h = g + gz P, and ∂P += gzᵀ h, ∂Q += zᵀ g, ∂b += Σ gz
+// into `partial` = [∂P (r×d) | ∂Q (r×d) | ∂b (r)], each only where wanted.
+template <int M, typename scalar_t, typename acc_t>
+REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch,
+                                    const BackwardArgs<scalar_t>& a, acc_t* partial, int64_t n) {
+  const int64_t d = a.d, r = a.r;
+  const acc_t* g[M];
+  const acc_t* x[M];
+  const acc_t* zi[M];
+  acc_t* gz[M];
+  scratch.template view<M>(a.grad_out, a.order, n, d, 0, g);
+  for (int i = 0; i < M; ++i) {
+    zi[i] = a.z + row_at(a.order, n + i) * r;
+    gz[i] = scratch.projections.data() + i * r;
+  }
+  constexpr int S = M < kRowBlock ? M : kRowBlock;  // rows per projection and edit
+  if (a.grad_h || a.want_P || a.want_b) {
+    for (int s = 0; s < M; s += S) {
+      project_rows<S>(g + s, a.Q, static_cast<const acc_t*>(nullptr), d, r, gz + s);
+    }
+  }
+  if (a.grad_h) {
+    scalar_t* dh[M];
+    for (int i = 0; i < M; ++i) dh[i] = a.grad_h + row_at(a.order, n + i) * d;
+    for (int s = 0; s < M; s += S) edit_rows<S>(g + s, gz + s, a.P, d, r, dh + s);
+  }
+  if (a.want_P) {
+    scratch.template view<M>(a.h, a.order, n, d, 1, x);
+    accumulate_rows<M>(partial, gz, x, d, r);
+  }
+  if (a.want_Q) accumulate_rows<M>(partial + r * d, zi, g, d, r);
+  if (a.want_b) {
+    acc_t* db = partial + 2 * r * d;
+    for (int64_t k = 0; k < r; ++k) {
+      for (int i = 0; i < M; ++i) db[k] += gz[i][k];
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+REFT_ROW_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, acc_t* partial, int64_t begin,
+                                   int64_t end) {
+  RowScratch<scalar_t, acc_t> scratch(2 * kBackwardRowBlock, kBackwardRowBlock, a.d, a.r);
+  int64_t n = begin;
+  for (; n + kBackwardRowBlock <= end; n += kBackwardRowBlock) {
+    backward_block<kBackwardRowBlock>(scratch, a, partial, n);
+  }
+  for (; n < end; ++n) backward_block<1>(scratch, a, partial, n);
+}
+
+// Second stage of the parameter gradients: for each adapter a, part t of its gradient (0: ∂P and
+// 1: ∂Q, r×d each; 2: ∂b, r) is the sum of its groups' partials [first_group[a], first_group[a+1]),
+// added in group order, so the result does not depend on the thread count; an adapter with no
+// groups gets zeros. targets[t] holds part t of every adapter in turn, or is null (not wanted).
+// partials: one row of 2·r·d + r per group, laid out [∂P | ∂Q | ∂b].
+template <typename acc_t>
+void sum_partials(const acc_t* partials, const int64_t* first_group, int64_t adapters, int64_t r,
+                  int64_t d, const std::array<acc_t*, 3>& targets) {
+  const int64_t rd = r * d, partial_size = 2 * rd + r;
+  at::parallel_for(0, adapters * partial_size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t a = idx / partial_size, i = idx % partial_size;
+      const int64_t part = std::min<int64_t>(i / rd, 2);
+      if (targets[part] == nullptr) continue;
+      acc_t sum = 0;
+      for (int64_t g = first_group[a]; g < first_group[a + 1]; ++g) {
+        sum += partials[g * partial_size + i];
+      }
+      targets[part][a * (part < 2 ? rd : r) + i - part * rd] = sum;
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace reft_ext
