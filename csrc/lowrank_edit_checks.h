@@ -77,16 +77,15 @@ inline void check_multi_factors(const at::Tensor& h, const at::Tensor& P, const 
               adapter.device());
 }
 
-inline void check_multi_forward_args(const at::Tensor& h, const at::Tensor& P,
-                                     const at::Tensor& Q, const at::Tensor& b,
-                                     const at::Tensor& adapter) {
+inline void check_multi_forward_args(const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
+                                     const at::Tensor& b, const at::Tensor& adapter) {
   check_multi_factors(h, P, Q, adapter);
   check_param(b, "b", {P.size(0), P.size(1)}, h);
 }
 
 inline void check_multi_backward_args(const at::Tensor& grad_out, const at::Tensor& h,
-                                      const at::Tensor& P, const at::Tensor& Q,
-                                      const at::Tensor& z, const at::Tensor& adapter) {
+                                      const at::Tensor& P, const at::Tensor& Q, const at::Tensor& z,
+                                      const at::Tensor& adapter) {
   check_multi_factors(h, P, Q, adapter);
   check_grad_out(grad_out, h);
   check_param(z, "z", {h.size(0), P.size(1)}, h);

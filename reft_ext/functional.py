@@ -105,7 +105,7 @@ def direft(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -
 def _check_multi_inputs(
     h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor, adapter: torch.Tensor
 ) -> None:
-    """Raise TypeError/ValueError naming the argument when lowrank_edit_multi's inputs do not fit."""
+    """Raise TypeError/ValueError naming the argument when the inputs do not fit."""
     op = "lowrank_edit_multi"
     for name, t in {"h": h, "P": P, "Q": Q, "b": b, "adapter": adapter}.items():
         if not isinstance(t, torch.Tensor):
@@ -125,7 +125,9 @@ def _check_multi_inputs(
     A, r = P.shape[0], P.shape[1]
     for name, t, expected in (("Q", Q, (A, r, d)), ("b", b, (A, r))):
         if tuple(t.shape) != expected:
-            raise ValueError(f"{op}: {name} must have shape {expected} (P's A, r), got {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: {name} must have shape {expected} (P's A, r), got {tuple(t.shape)}"
+            )
     for name, t in {"P": P, "Q": Q, "b": b}.items():
         if t.dtype not in (h.dtype, torch.float32):
             raise ValueError(
@@ -146,7 +148,7 @@ def _check_multi_inputs(
 def lowrank_edit_multi(
     h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor, adapter: torch.Tensor
 ) -> torch.Tensor:
-    """A different low-rank edit per row: ``out[i] = h[i] + (P[a] h[i] + b[a]) Q[a]``, a = adapter[i].
+    """A low-rank edit per row: ``out[i] = h[i] + (P[a] h[i] + b[a]) Q[a]``, ``a = adapter[i]``.
 
     One fused pass over h for a batch that mixes adapters (BGMV/SGMV-style serving, or training
     several adapters in one batch); rows with ``adapter[i] == -1`` are copied exactly. Adapters of

@@ -45,7 +45,9 @@ def fused_and_truth(leaves, adapter, grad_out=None):
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     out64 = truth_multi(*leaves64, adapter.cpu())
     grads64 = torch.autograd.grad(out64, leaves64, grad_out.double(), allow_unused=True)
-    grads64 = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves64, grads64)]
+    grads64 = [
+        torch.zeros_like(t) if g is None else g for t, g in zip(leaves64, grads64, strict=True)
+    ]
     return (out, grads), (out64.detach(), grads64), grad_out
 
 
@@ -217,12 +219,17 @@ def _raw_multi(device, dtype=torch.float32, acc=torch.float32, N=11, d=24, A=3, 
 
 @pytest.mark.parametrize(
     "dtype, acc",
-    [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.float32),
+    ],
     ids=["fp32", "fp64", "bf16"],
 )
 def test_opcheck(device, dtype, acc):
     h, P, Q, b, adapter = _raw_multi(device, dtype, acc)
-    torch.library.opcheck(torch.ops.reft_ext.lowrank_edit_multi_forward.default, (h, P, Q, b, adapter))
+    forward = torch.ops.reft_ext.lowrank_edit_multi_forward.default
+    torch.library.opcheck(forward, (h, P, Q, b, adapter))
     _, z = torch.ops.reft_ext.lowrank_edit_multi_forward(h, P, Q, b, adapter)
     torch.library.opcheck(
         torch.ops.reft_ext.lowrank_edit_multi_backward.default,

@@ -5,13 +5,13 @@
 // partial-sum grouping come from csrc/lowrank_edit.h, as in the CUDA kernels.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
-
-#include <ATen/Parallel.h>
 
 #include "../lowrank_edit.h"
 #include "convert.h"
@@ -20,7 +20,6 @@
 
 namespace reft_ext {
 namespace cpu {
-
 
 // The row in accumulation precision: the row itself when it already is, else converted into buffer.
 template <typename scalar_t, typename acc_t>

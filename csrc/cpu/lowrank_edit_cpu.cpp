@@ -15,10 +15,10 @@
 namespace reft_ext {
 namespace {
 
-using cpu::BackwardArgs;
 using cpu::backward_rows;
-using cpu::ForwardArgs;
+using cpu::BackwardArgs;
 using cpu::forward_rows;
+using cpu::ForwardArgs;
 
 std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cpu(const at::Tensor& h,
                                                             const at::Tensor& P,

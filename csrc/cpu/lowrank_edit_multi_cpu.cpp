@@ -1,5 +1,5 @@
-// CPU implementation of the multi-adapter low-rank edit ops (out[i] = h[i] + (P[a] h[i] + b[a]) Q[a]
-// with a = adapter[i]; a = -1 copies the row).
+// CPU implementation of the multi-adapter low-rank edit ops (out[i] = h[i] + (P[a] h[i] + b[a])
+// Q[a] with a = adapter[i]; a = -1 copies the row).
 //
 // Rows are grouped by adapter (a stable counting sort: each adapter's rows in row order, then the
 // unedited rows), as SGMV does: a block of rows then shares one adapter's factors, which the row
@@ -75,8 +75,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_multi_forward_cpu(const at::Tens
   auto out = at::empty_like(h);
   auto z = at::zeros({N, r}, P.options());  // unedited rows: z = 0
   // Chunks of at most `grain` rows (a multiple of the row block), never across adapters.
-  const int64_t grain =
-      ceil_div(std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), 4) * 4;
+  const int64_t grain = ceil_div(std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), 4) * 4;
   std::vector<Chunk> chunks;
   for (int64_t s = 0; s <= A; ++s) {
     for (int64_t n = segments.begin(s); n < segments.end(s); n += grain) {
@@ -151,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_multi_ba
       for (int64_t c = begin; c < end; ++c) {
         const Chunk& chunk = chunks[c];
         if (chunk.segment == A) {
-          copy_rows(grad_out.const_data_ptr<scalar_t>(), grad_h, segments.order.data(),
-                    chunk.begin, chunk.end, d);
+          copy_rows(grad_out.const_data_ptr<scalar_t>(), grad_h, segments.order.data(), chunk.begin,
+                    chunk.end, d);
           continue;
         }
         const int64_t factor = chunk.segment * r * d;
