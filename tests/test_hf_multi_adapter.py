@@ -165,6 +165,25 @@ def test_one_fused_call_per_block(monkeypatch):
     assert calls == []
 
 
+def test_threads_with_different_mixed_batches_match_sequential_calls():
+    """Two threads sharing the model, each with its own mixed batch, get the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reft, _ = make_reft()
+    ids, mask = batch()
+    batches = [NAMES, list(reversed(NAMES))]
+
+    def run(names):
+        with torch.no_grad():
+            return reft(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+
+    want = [run(names) for names in batches]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            for got, expected in zip(pool.map(run, batches), want, strict=True):
+                assert torch.equal(got, expected)
+
+
 # ---- mixed generation --------------------------------------------------------------------------
 
 
@@ -333,6 +352,7 @@ def test_a_failing_first_adapter_leaves_no_hook():
         get_reft_model(model, ReftConfig(layers=[3]))
     assert not model._forward_pre_hooks
     assert not any(block._forward_hooks for block in model.model.layers)
+    assert all(p.requires_grad for p in model.parameters())  # not frozen either
 
 
 # ---- state dict, save and load -----------------------------------------------------------------

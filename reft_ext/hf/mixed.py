@@ -8,8 +8,9 @@ the index of its intervention.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class MixedEdits:
         return MixedEdits(index, slot, self.keys)
 
 
-def check_adapter_names(adapter_names, known: Sequence[str], batch: int) -> list[str]:
+def check_adapter_names(adapter_names, known: Collection[str], batch: int) -> list[str]:
     """``adapter_names`` as a list if it gives one known adapter name (or ``"__base__"``) per
     row of a batch of ``batch``; else TypeError/ValueError naming it."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
@@ -65,43 +66,57 @@ def check_adapter_names(adapter_names, known: Sequence[str], batch: int) -> list
     return list(adapter_names)
 
 
-def _pack(
-    names: list[str], per_adapter: dict[str, dict[str, torch.Tensor]], layer: int
-) -> MixedEdits:
-    """One block's edits from each present adapter's positions ({adapter: {group: (B, P_g)}}):
-    a row's columns are its adapter's groups side by side, padded with −1 to the widest."""
+class _Placed(NamedTuple):
+    """One adapter present in a mixed batch: its rows (B,) bool, its blocks, its position groups
+    and their widths, and its positions (B, P), the groups side by side (−1 for none)."""
+
+    adapter: str
+    rows: torch.Tensor
+    layers: tuple[int, ...]
+    groups: tuple[str, ...]
+    widths: list[int]
+    index: torch.Tensor
+
+
+def _pack(batch: int, placed: list[_Placed], layer: int) -> MixedEdits:
+    """The edits of block ``layer`` by the ``placed`` adapters that edit it: a row's columns are
+    its adapter's positions, padded with −1 to the widest adapter's."""
+    width = max(p.index.shape[1] for p in placed)
+    index = placed[0].index.new_full((batch, width), -1)
+    slot = torch.zeros_like(index)
     keys: list[tuple[str, str]] = []
-    parts = []
-    for adapter, positions in per_adapter.items():
-        rows = torch.tensor([n == adapter for n in names])
-        index = torch.cat(list(positions.values()), dim=1)
-        slot = torch.cat(
-            [torch.full_like(p, len(keys) + i) for i, p in enumerate(positions.values())], dim=1
-        )
-        keys += [(adapter, intervention_key(layer, group)) for group in positions]
-        parts.append((rows.to(index.device), index, slot))
-    width = max(index.shape[1] for _, index, _ in parts)
-    first = parts[0][1]
-    all_index = first.new_full((len(names), width), -1)
-    all_slot = first.new_zeros((len(names), width))
-    for rows, index, slot in parts:
-        all_index[rows, : index.shape[1]] = index[rows]
-        all_slot[rows, : slot.shape[1]] = slot[rows]
-    return MixedEdits(all_index, all_slot, tuple(keys))
+    for p in placed:
+        first = len(keys)  # the slots of its groups follow those of the adapters before it
+        slots = torch.arange(first, first + len(p.groups), device=index.device)
+        widths = torch.tensor(p.widths, device=index.device)
+        index[p.rows, : p.index.shape[1]] = p.index[p.rows]
+        slot[p.rows, : p.index.shape[1]] = slots.repeat_interleave(widths)
+        keys += [(p.adapter, intervention_key(layer, group)) for group in p.groups]
+    return MixedEdits(index, slot, tuple(keys))
 
 
-def _by_layer(names, specs, positions_of) -> dict[int, MixedEdits]:
-    """{layer: MixedEdits} over the adapters present in ``names`` (in the order they were added,
-    so a block's stack does not depend on the order of the rows); ``positions_of(spec)`` gives an
-    adapter's {group: (B, P)} positions."""
-    per_layer: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+def _by_layer(
+    names: list[str],
+    specs: dict[str, AdapterSpec],
+    positions_of: Callable[[AdapterSpec], dict[str, torch.Tensor]],
+) -> dict[int, MixedEdits]:
+    """{layer: MixedEdits} over the adapters present in ``names``, stacked in the order they were
+    added (so a block's stack does not depend on the order of the rows); ``positions_of(spec)``
+    gives an adapter's {group: (B, P_g)} positions."""
     present = set(names)
+    placed = []
     for adapter, spec in specs.items():
         if adapter in present:
             positions = positions_of(spec)
-            for layer in spec.layers:
-                per_layer.setdefault(layer, {})[adapter] = positions
-    return {layer: _pack(names, entries, layer) for layer, entries in per_layer.items()}
+            index = torch.cat(list(positions.values()), dim=1)
+            rows = torch.tensor([name == adapter for name in names], device=index.device)
+            widths = [p.shape[1] for p in positions.values()]
+            placed.append(_Placed(adapter, rows, spec.layers, tuple(positions), widths, index))
+    layers = sorted({layer for p in placed for layer in p.layers})
+    return {
+        layer: _pack(len(names), [p for p in placed if layer in p.layers], layer)
+        for layer in layers
+    }
 
 
 def prompt_edits(

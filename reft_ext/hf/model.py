@@ -65,7 +65,8 @@ class ReftModel(nn.Module):
     switch, delete and save more. ``forward`` takes every argument of the wrapped model plus
     ``intervention_locations`` or ``adapter_names``; each hooked block's output is edited in place
     at the selected rows only (a gather of P rows, the fused op, a scatter back: O(P·d), no copy of
-    the hidden states). Threads may share one ReftModel: each call's locations belong to that call.
+    the hidden states). Threads may share one ReftModel: each call's locations belong to that call;
+    add and delete adapters while no call runs (they add and remove block hooks).
 
     Attributes:
         model: the wrapped base model (frozen).
@@ -77,8 +78,6 @@ class ReftModel(nn.Module):
         self.model = model
         self._num_blocks = len(find_blocks(model)[1])
         self._hidden_size = hidden_size(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
         self.adapters = nn.ModuleDict()
         self._specs: dict[str, AdapterSpec] = {}  # in the order the adapters were added
         self._active = adapter_name
@@ -88,9 +87,11 @@ class ReftModel(nn.Module):
         self._pass_hook = model.register_forward_pre_hook(self._count_pass)
         try:
             self.add_adapter(adapter_name, config)
-        except (TypeError, ValueError):
-            self.unload()  # a config that does not fit leaves the user's model without our hooks
+        except Exception:
+            self.unload()  # a config that does not fit leaves the user's model as it was
             raise
+        for p in model.parameters():
+            p.requires_grad_(False)
         self.set_adapter(adapter_name)
         self._register_load_state_dict_pre_hook(self._rename_loaded_keys, with_module=False)
         self.register_load_state_dict_post_hook(self._report_public_keys)
@@ -381,7 +382,7 @@ class ReftModel(nn.Module):
                     "pass adapter_names or intervention_locations, not both: a mixed batch edits "
                     "each row at its own adapter's positions"
                 )
-            names = check_adapter_names(adapter_names, list(self._specs), batch)
+            names = check_adapter_names(adapter_names, self._specs, batch)
             locations = prompt_edits(names, self._specs, mask, length, device)
             decode = decode_edits(names, self._specs, device) if intervene_on == "all" else None
             return _Call(None, locations, decode)
