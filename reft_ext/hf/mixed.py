@@ -164,8 +164,7 @@ def stacked_factors(
         stacks[0].append(F.pad(P, (0, 0, 0, pad)))
         stacks[1].append(F.pad(Q, (0, 0, 0, pad)))
         stacks[2].append(F.pad(b, (0, pad)))
-    P, Q, b = (torch.stack(parts) for parts in stacks)
-    return P, Q, b
+    return tuple(torch.stack(parts) for parts in stacks)
 
 
 def edit_mixed_(hidden: torch.Tensor, edits: MixedEdits, interventions: list[nn.Module]) -> None:

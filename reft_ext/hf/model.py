@@ -20,9 +20,7 @@ from .config import ReftConfig, intervention_key
 from .edit import edit_rows_
 from .locations import checked_mask, default_locations, explicit_locations
 from .mixed import MixedEdits, check_adapter_names, decode_edits, edit_mixed_, prompt_edits
-from .saving import CONFIG_NAME, WEIGHTS_NAME, load_interventions, read_adapter, write_adapter
-
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "ReftModel", "get_reft_model"]
+from .saving import load_interventions, read_adapter, write_adapter
 
 
 @dataclass
