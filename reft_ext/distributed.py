@@ -11,6 +11,12 @@
 In every case each rank's optimizer steps the same averaged gradients and the automatic
 retraction (reft_ext.retraction) retracts R identically after each step: the retraction is
 deterministic, so the ranks stay bit-identical.
+
+- DeepSpeed ZeRO (stage 1, 2, 3): its optimizer steps flattened float32 copies of the
+  parameters, which the automatic retraction cannot recognize as R, so R is retracted by
+  :func:`retract_zero_` after each step; and ZeRO-3 must gather the interventions before a
+  ReftModel's block hooks use them (:func:`prepare_zero3`). With ``transformers.Trainer(...,
+  args=TrainingArguments(deepspeed=...))`` one callback does both: :func:`zero_callback`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import nn
 
 from .hf.blocks import find_blocks
 from .hf.model import ReftModel
+from .retraction import METHODS, is_stiefel, retract_list_
 
 
 def is_main_process() -> bool:
@@ -152,3 +159,114 @@ def shard_base_model(
         fully_shard(block, **options)
     fully_shard(reft_model.model, **options)
     return average_gradients(reft_model.interventions, group)
+
+
+# ---- DeepSpeed ZeRO ----------------------------------------------------------------------------
+
+
+def prepare_zero3(reft_model: ReftModel) -> None:
+    """Make a ReftModel trainable under DeepSpeed ZeRO stage 3; call it before
+    ``deepspeed.initialize`` (or let :func:`zero_callback` call it).
+
+    ZeRO-3 gathers a module's partitioned parameters when that module's ``forward`` starts. The
+    block hooks hand each intervention's parameters to autograd before calling the
+    intervention, so without this its first backward fails ("returned an invalid gradient ...
+    expected shape compatible with [0]"). This registers every intervention parameter (all
+    adapters) as a ZeRO-3 external parameter of ``reft_model``
+    (``deepspeed.zero.register_external_parameter``): they are gathered when the ReftModel's
+    forward starts. Harmless under stages 0-2 and without DeepSpeed's engine; needs deepspeed.
+    """
+    import deepspeed
+
+    if not isinstance(reft_model, ReftModel):
+        raise TypeError(
+            f"prepare_zero3: reft_model must be a reft_ext.ReftModel, got "
+            f"{type(reft_model).__name__}"
+        )
+    for param in reft_model.adapters.parameters():
+        deepspeed.zero.register_external_parameter(reft_model, param)
+
+
+def retract_zero_(module: nn.Module, method: str = "cholqr2") -> list[nn.Parameter]:
+    """Retract the marked parameters (R) of ``module`` after a DeepSpeed ZeRO optimizer step:
+    their float32 master copies held by the ZeRO optimizer, and the model's parameters.
+
+    ZeRO (stages 1-3) steps flattened float32 partitions, not the parameters, so the automatic
+    retraction never sees R there. Each R is gathered whole from its master partitions
+    (``deepspeed.utils.safe_get_full_fp32_param``), retracted, written back to the masters
+    (``safe_set_full_fp32_param``) and to the model's copy (under ZeRO-3 through
+    ``deepspeed.zero.GatheredParameters``). Every rank computes the same retraction of the same
+    gathered R, so the ranks stay in agreement; this equals one process's AdamW step followed
+    by the automatic retraction.
+
+    A collective: every rank must call it, after each optimizer step (``engine.step()``), e.g.
+    through :func:`zero_callback` with ``transformers.Trainer``.
+
+    Args:
+        module: the model given to DeepSpeed (a ReftModel, or anything holding marked R).
+        method: the retraction method (:data:`reft_ext.retraction.METHODS`).
+
+    Returns:
+        The parameters retracted: the marked ones that a ZeRO optimizer holds (none under
+        ZeRO stage 0, where the optimizer steps the parameters themselves and the automatic
+        retraction already retracted them).
+    """
+    if method not in METHODS:
+        raise ValueError(f"retract_zero_: method must be one of {list(METHODS)}, got {method!r}")
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    marked = [
+        p
+        for p in module.parameters()
+        if is_stiefel(p) and p.requires_grad and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"))
+    ]
+    if not marked:
+        return []
+    shapes = [tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape) for p in marked]
+    masters = [
+        safe_get_full_fp32_param(p).reshape(shape) for p, shape in zip(marked, shapes, strict=True)
+    ]
+    retract_list_(masters, method)
+    for p, master in zip(marked, masters, strict=True):
+        safe_set_full_fp32_param(p, master)
+    partitioned = [p for p in marked if hasattr(p, "ds_id")]
+    if partitioned:
+        import deepspeed
+
+        # Every rank holds the same retracted masters; rank 0's copy is broadcast and
+        # partitioned again on leaving the context.
+        gathered = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+    else:
+        import contextlib
+
+        gathered = contextlib.nullcontext()
+    with gathered, torch.no_grad():
+        for p, master in zip(marked, masters, strict=True):
+            p.data.copy_(master.to(p.dtype))
+    return marked
+
+
+def zero_callback(method: str = "cholqr2"):
+    """A ``transformers.TrainerCallback`` for ``Trainer(args=TrainingArguments(deepspeed=...))``
+    with a ReftModel: at the Trainer's creation it calls :func:`prepare_zero3` (when
+    ``deepspeed=`` is set), and after every optimizer step :func:`retract_zero_`.
+
+    Pass it as ``transformers.Trainer(..., callbacks=[reft_ext.distributed.zero_callback()])``.
+    Without it, R drifts off the Stiefel manifold under ZeRO stages 1-3 (the automatic
+    retraction does not reach ZeRO's flattened masters) and ZeRO-3's first backward fails.
+    """
+    import transformers
+
+    if method not in METHODS:
+        raise ValueError(f"zero_callback: method must be one of {list(METHODS)}, got {method!r}")
+
+    class ReftZeroCallback(transformers.TrainerCallback):
+        def on_init_end(self, args, state, control, model=None, **kwargs):
+            if args.deepspeed and isinstance(model, ReftModel):
+                prepare_zero3(model)
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if args.deepspeed and model is not None:
+                retract_zero_(model, method)
+
+    return ReftZeroCallback()
