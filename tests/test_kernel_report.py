@@ -51,8 +51,9 @@ def test_every_kernel_reported_for_every_arch(rows):
 def test_vectorized_edit_variants_issue_16_byte_accesses(rows):
     checked = 0
     for r in rows:
-        m = re.fullmatch(r"edit_rows_kernel<(\w+), \w+, (\d+)>", r.kernel)
+        m = re.fullmatch(r"edit_rows_kernel<(\w+), \w+, (\d+), (?:true|false)>", r.kernel)
         if m and ELEMENT_BYTES[m[1]] * int(m[2]) == 16:
             assert r.v4_loads > 0 and r.v4_stores > 0, r
             checked += 1
-    assert checked == 4 * len(kernel_report.DEFAULT_ARCHS)  # float, double, half, bfloat16
+    # float, double, half, bfloat16; single-adapter and indexed (multi-adapter)
+    assert checked == 8 * len(kernel_report.DEFAULT_ARCHS)

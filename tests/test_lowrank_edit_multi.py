@@ -1,25 +1,16 @@
 """Tests of the multi-adapter edit ``lowrank_edit_multi`` against a float64 per-row truth.
 
-The truth edits each row alone with its own adapter's factors (tests/truth.py's einsum edit on a
-one-row batch), so it shares nothing with the kernels' grouping of rows by adapter; its gradients
-come from autograd of that loop.
+The truth (tests/truth.py's truth_lowrank_edit_multi) edits each row alone with its own adapter's
+factors, so it shares nothing with the kernels' grouping of rows by adapter; its gradients come
+from autograd of that loop.
 """
 
 import pytest
 import torch
-from truth import assert_close_rel, max_abs_err, truth_lowrank_edit
+from truth import assert_close_rel, max_abs_err, truth_lowrank_edit, truth_lowrank_edit_multi
 
 import reft_ext
 from reft_ext import reference
-
-
-def truth_multi(h, P, Q, b, adapter):
-    """Row by row: h[i] + (P[a] h[i] + b[a]) Q[a] for a = adapter[i] ≥ 0, else h[i]."""
-    rows = []
-    for i, a in enumerate(adapter.tolist()):
-        row = h[i : i + 1]
-        rows.append(row if a < 0 else truth_lowrank_edit(row, P[a], Q[a], b[a]))
-    return torch.cat(rows) if rows else h.clone()
 
 
 def multi_inputs(N, d, A, r, dtype, device, param_dtype=None, indices=None):
@@ -43,7 +34,7 @@ def fused_and_truth(leaves, adapter, grad_out=None):
         grad_out = torch.randn(out.shape, dtype=torch.float64).to(out)
     grads = torch.autograd.grad(out, leaves, grad_out)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    out64 = truth_multi(*leaves64, adapter.cpu())
+    out64 = truth_lowrank_edit_multi(*leaves64, adapter.cpu())
     grads64 = torch.autograd.grad(out64, leaves64, grad_out.double(), allow_unused=True)
     grads64 = [
         torch.zeros_like(t) if g is None else g for t, g in zip(leaves64, grads64, strict=True)

@@ -33,6 +33,16 @@ def truth_direft(h, R, W, b):
     return h + expand(project(h, W) + b, R)
 
 
+def truth_lowrank_edit_multi(h, P, Q, b, adapter):
+    """Row by row: h[i] + (P[a] h[i] + b[a]) Q[a] for a = adapter[i] ≥ 0, else h[i] (each row a
+    one-row batch of truth_lowrank_edit: nothing shared with a grouping of rows by adapter)."""
+    rows = []
+    for i, a in enumerate(adapter.tolist()):
+        row = h[i : i + 1]
+        rows.append(row if a < 0 else truth_lowrank_edit(row, P[a], Q[a], b[a]))
+    return torch.cat(rows) if rows else h.clone()
+
+
 def assert_close_rel(actual, expected, rel=None):
     """``actual`` matches float64 ``expected`` within ``rel`` of expected's largest magnitude."""
     rel = REL_TOL[actual.dtype] if rel is None else rel

@@ -1,4 +1,4 @@
-// CUDA implementation of the low-rank edit ops.
+// CUDA implementation of the low-rank edit ops, single-adapter and multi-adapter.
 //
 // Forward: one launch of edit_rows_kernel (read h once, write out once, z to an N×r buffer).
 // Backward: edit_rows_kernel again with the factors swapped (gz = g Qᵀ, ∂h = g + gz P), then
@@ -6,15 +6,25 @@
 // sum_partials_kernel (groups added in order). No atomics, deterministic. Passes over N×d: the
 // first kernel reads g twice and writes ∂h; the second reads h for ∂P and g for ∂Q. A gradient not
 // asked for skips its part: without ∂h the first kernel reads g once and writes nothing of N×d.
+//
+// Multi-adapter ops (row i edited by adapter[i]'s factors, -1 copies the row): the same kernels
+// with kIndexed. edit_rows_kernel reads each row's adapter and its factors row by row (BGMV), so
+// the forward needs no sort. For the parameter sums, backward sorts the rows by adapter (stable, on
+// the device) and splits each adapter's rows into the groups rows_per_partial gives for its row
+// count; a bound on the number of groups sizes the grid, so nothing waits for the host. With every
+// row on one adapter the groups, the order of every sum and so the bits are those of the single op.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/sort.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../lowrank_edit.h"
@@ -63,17 +73,28 @@ constexpr int edit_rows_min_blocks() {
 
 // For a tile of kTileRows rows x: proj = x Aᵀ (+ c) (N, r) and y = x + proj B.
 // Forward: (A, B, c) = (P, Q, b). Backward: (A, B, c) = (Q, P, null) gives gz and ∂h; with y null
-// only proj is computed. V divides d (V = 1 otherwise), so every strip is full.
-template <typename scalar_t, typename acc_t, int V>
+// only proj is computed. V divides d (V = 1 otherwise), so every strip is full. kIndexed: A, B
+// (adapters, r, d) and c (adapters, r) hold every adapter's factors and row n uses adapter[n]'s;
+// a row with adapter -1 gets proj = 0 and y = x.
+template <typename scalar_t, typename acc_t, int V, bool kIndexed>
 __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
     edit_rows_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ A,
                      const acc_t* __restrict__ B, const acc_t* __restrict__ c,
-                     scalar_t* __restrict__ y, acc_t* proj, int64_t N, int64_t d, int r) {
+                     scalar_t* __restrict__ y, acc_t* proj, int64_t N, int64_t d, int r,
+                     const int64_t* __restrict__ adapter) {
   __shared__ acc_t warp_partials[kWarps][kTileRows * kChunk];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int rows = static_cast<int>(N - row0 < kTileRows ? N - row0 : kTileRows);
   const int64_t strips = d / V;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // The adapter of tile row i (0 without an index).
+  const auto adapter_of = [&](int i) -> int64_t {
+    if constexpr (kIndexed) {
+      return adapter[row0 + i];
+    } else {
+      return 0;
+    }
+  };
 
   for (int k0 = 0; k0 < r; k0 += kChunk) {
     acc_t acc[kTileRows][kChunk];
@@ -86,13 +107,16 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
 #pragma unroll
       for (int i = 0; i < kTileRows; ++i) {
         if (i >= rows) break;
+        const int64_t a = adapter_of(i);
+        if (a < 0) continue;
+        const acc_t* factor = A + a * r * d;
         acc_t xv[V];
         load_vec<V>(xv, x + (row0 + i) * d + j);
 #pragma unroll
         for (int kk = 0; kk < kChunk; ++kk) {
           if (k0 + kk >= r) break;
           acc_t lanes[V] = {};
-          dot_lanes<V>(lanes, xv, A + (k0 + kk) * d + j);
+          dot_lanes<V>(lanes, xv, factor + (k0 + kk) * d + j);
           acc[i][kk] += sum_lanes<V>(lanes);
         }
       }
@@ -108,7 +132,8 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
     if (threadIdx.x < kTileRows * kChunk) {
       const int i = threadIdx.x / kChunk, k = k0 + threadIdx.x % kChunk;
       if (i < rows && k < r) {
-        acc_t total = c ? c[k] : acc_t(0);
+        const int64_t a = adapter_of(i);
+        acc_t total = c && a >= 0 ? c[a * r + k] : acc_t(0);
         for (int w = 0; w < kWarps; ++w) total += warp_partials[w][threadIdx.x];
         proj[(row0 + i) * r + k] = total;
       }
@@ -122,9 +147,51 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
     for (int i = 0; i < rows; ++i) {
       acc_t xv[V];
       load_vec<V>(xv, x + (row0 + i) * d + j);
-      const acc_t* p = proj + (row0 + i) * r;
-      for (int k = 0; k < r; ++k) axpy_lanes<V>(xv, p[k], B + k * d + j);
+      const int64_t a = adapter_of(i);
+      if (a >= 0) {
+        const acc_t* p = proj + (row0 + i) * r;
+        const acc_t* factor = B + a * r * d;
+        for (int k = 0; k < r; ++k) axpy_lanes<V>(xv, p[k], factor + k * d + j);
+      }
       store_vec<V>(y + (row0 + i) * d + j, xv);
+    }
+  }
+}
+
+// Rows grouped by adapter, for the indexed backward: order[segment[a] .. segment[a + 1]) are
+// adapter a's rows in row order, and its partial-sum groups are first_group[a] .. first_group[a +
+// 1), of rows_per_partial(its row count, r) rows each. All on the device.
+struct AdapterGroups {
+  const int64_t* order;
+  const int64_t* segment;      // adapters + 1 entries
+  const int64_t* first_group;  // adapters + 1 entries
+  int64_t adapters;
+};
+
+// One block: segment[a] = the first position of the sorted keys holding a (a <= adapters; the
+// unedited rows, key = adapters, start at segment[adapters]), then each adapter's groups numbered
+// in adapter order (a serial scan over the adapters on thread 0: a few thousand additions at most).
+__global__ void __launch_bounds__(kThreads)
+    plan_groups_kernel(const int64_t* __restrict__ sorted_keys, int64_t N, int64_t adapters, int r,
+                       int64_t* __restrict__ segment, int64_t* __restrict__ first_group) {
+  for (int64_t a = threadIdx.x; a <= adapters; a += kThreads) {
+    int64_t lo = 0, hi = N;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (sorted_keys[mid] < a) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    segment[a] = lo;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    first_group[0] = 0;
+    for (int64_t a = 0; a < adapters; ++a) {
+      const int64_t count = segment[a + 1] - segment[a];
+      first_group[a + 1] = first_group[a] + ceil_div(count, rows_per_partial(count, r));
     }
   }
 }
@@ -132,25 +199,52 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
 // Per group of rows (blockIdx.y) and column strip: partials[t][group][k][j] = Σ_n coef[n][k]
 // x[n][j] with (coef, x) = (gz, h) for t = 0 (∂P) and (z, g) for t = 1 (∂Q); t = first_t +
 // blockIdx.z, so a grid of depth 1 computes only one of them. Unless bias_partials is null, block
-// (0, group, 0) also writes bias_partials[group][k] = Σ_n gz[n][k].
-template <typename scalar_t, typename acc_t, int V>
+// (0, group, 0) also writes bias_partials[group][k] = Σ_n gz[n][k]. Groups are runs of group_rows
+// rows, or with kIndexed those of `groups` (a block past the last group has nothing to do).
+template <typename scalar_t, typename acc_t, int V, bool kIndexed>
 __global__ void __launch_bounds__(kThreads)
     outer_partials_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ g,
                           const acc_t* __restrict__ gz, const acc_t* __restrict__ z,
                           acc_t* __restrict__ partials, acc_t* __restrict__ bias_partials,
-                          int64_t N, int64_t d, int r, int64_t group_rows, int first_t) {
+                          int64_t N, int64_t d, int r, int64_t group_rows, int first_t,
+                          AdapterGroups by_adapter) {
   const int t = first_t + static_cast<int>(blockIdx.z);
   const scalar_t* x = t == 0 ? h : g;
   const acc_t* coef = t == 0 ? gz : z;
   const int64_t group = blockIdx.y, groups = gridDim.y;
-  const int64_t n0 = group * group_rows;
-  const int64_t n1 = n0 + group_rows < N ? n0 + group_rows : N;
+  int64_t n0 = group * group_rows;
+  int64_t n1 = n0 + group_rows < N ? n0 + group_rows : N;
+  if constexpr (kIndexed) {
+    const int64_t* first = by_adapter.first_group;
+    if (group >= first[by_adapter.adapters]) return;  // the whole block: there is no barrier
+    int64_t a = 0, past = by_adapter.adapters;        // first[a] <= group < first[past]
+    while (past - a > 1) {
+      const int64_t mid = (a + past) / 2;
+      if (first[mid] <= group) {
+        a = mid;
+      } else {
+        past = mid;
+      }
+    }
+    const int64_t begin = by_adapter.segment[a], end = by_adapter.segment[a + 1];
+    const int64_t rows_a = rows_per_partial(end - begin, r);
+    n0 = begin + (group - first[a]) * rows_a;
+    n1 = n0 + rows_a < end ? n0 + rows_a : end;
+  }
+  // The row at position n of the group's run.
+  const auto row_at = [&](int64_t n) -> int64_t {
+    if constexpr (kIndexed) {
+      return by_adapter.order[n];
+    } else {
+      return n;
+    }
+  };
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
 
   if (bias_partials != nullptr && blockIdx.z == 0 && blockIdx.x == 0) {
     for (int k = threadIdx.x; k < r; k += kThreads) {
       acc_t total = 0;
-      for (int64_t n = n0; n < n1; ++n) total += gz[n * r + k];
+      for (int64_t n = n0; n < n1; ++n) total += gz[row_at(n) * r + k];
       bias_partials[group * r + k] = total;
     }
   }
@@ -162,11 +256,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[kk][v] = 0;
     for (int64_t n = n0; n < n1; ++n) {
+      const int64_t row = row_at(n);
       acc_t xv[V];
-      load_strip<V>(xv, x + n * d + j);
+      load_strip<V>(xv, x + row * d + j);
 #pragma unroll
       for (int kk = 0; kk < kChunk; ++kk) {
-        if (k0 + kk < r) axpy_lanes<V>(acc[kk], coef[n * r + k0 + kk], xv);
+        if (k0 + kk < r) axpy_lanes<V>(acc[kk], coef[row * r + k0 + kk], xv);
       }
     }
 #pragma unroll
@@ -180,27 +275,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_P, grad_Q (r×d each) and grad_b (r): partials added in group order; a null target is
-// skipped.
+// grad_P, grad_Q (r×d each) and grad_b (r) of each adapter a < adapters (one without an index):
+// the partials of its groups [first_group[a], first_group[a + 1]) — all `groups` without an index —
+// added in group order; a null target is skipped. `groups` is also the partials' group stride.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     sum_partials_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ bias_partials,
                         acc_t* __restrict__ grad_P, acc_t* __restrict__ grad_Q,
-                        acc_t* __restrict__ grad_b, int64_t groups, int64_t rd, int r) {
+                        acc_t* __restrict__ grad_b, int64_t groups, int64_t rd, int r,
+                        const int64_t* __restrict__ first_group, int64_t adapters) {
+  const int64_t per_adapter = 2 * rd + r;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (idx < 2 * rd) {
-    const int64_t t = idx / rd, e = idx % rd;
+  if (idx >= adapters * per_adapter) return;
+  const int64_t a = idx / per_adapter, e = idx % per_adapter;
+  const int64_t g0 = first_group ? first_group[a] : 0;
+  const int64_t g1 = first_group ? first_group[a + 1] : groups;
+  if (e < 2 * rd) {
+    const int64_t t = e / rd, k = e % rd;
     acc_t* target = t == 0 ? grad_P : grad_Q;
     if (target == nullptr) return;
     acc_t total = 0;
-    for (int64_t group = 0; group < groups; ++group)
-      total += partials[(t * groups + group) * rd + e];
-    target[e] = total;
-  } else if (idx < 2 * rd + r && grad_b != nullptr) {
-    const int64_t k = idx - 2 * rd;
+    for (int64_t group = g0; group < g1; ++group) total += partials[(t * groups + group) * rd + k];
+    target[a * rd + k] = total;
+  } else if (grad_b != nullptr) {
+    const int64_t k = e - 2 * rd;
     acc_t total = 0;
-    for (int64_t group = 0; group < groups; ++group) total += bias_partials[group * r + k];
-    grad_b[k] = total;
+    for (int64_t group = g0; group < g1; ++group) total += bias_partials[group * r + k];
+    grad_b[a * r + k] = total;
   }
 }
 
@@ -216,59 +317,102 @@ bool can_vectorize(int64_t d, std::initializer_list<const void*> pointers) {
   return true;
 }
 
+// edit_rows_kernel over all N rows; with `adapter` (N,) each row uses its adapter's factors.
 template <typename scalar_t, typename acc_t>
 void launch_edit_rows(const scalar_t* x, const acc_t* A, const acc_t* B, const acc_t* c,
-                      scalar_t* y, acc_t* proj, int64_t N, int64_t d, int r, cudaStream_t stream) {
+                      scalar_t* y, acc_t* proj, int64_t N, int64_t d, int r, const int64_t* adapter,
+                      cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(N, kTileRows)));
-  if (can_vectorize<scalar_t>(d, {x, y})) {
-    edit_rows_kernel<scalar_t, acc_t, 16 / sizeof(scalar_t)>
-        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r);
+  constexpr int V = 16 / sizeof(scalar_t);
+  const bool vectorize = can_vectorize<scalar_t>(d, {x, y});
+  if (adapter == nullptr && vectorize) {
+    edit_rows_kernel<scalar_t, acc_t, V, false>
+        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r, adapter);
+  } else if (adapter == nullptr) {
+    edit_rows_kernel<scalar_t, acc_t, 1, false>
+        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r, adapter);
+  } else if (vectorize) {
+    edit_rows_kernel<scalar_t, acc_t, V, true>
+        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r, adapter);
   } else {
-    edit_rows_kernel<scalar_t, acc_t, 1>
-        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r);
+    edit_rows_kernel<scalar_t, acc_t, 1, true>
+        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r, adapter);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cuda(const at::Tensor& h,
-                                                             const at::Tensor& P,
-                                                             const at::Tensor& Q,
-                                                             const at::Tensor& b) {
-  check_forward_args(h, P, Q, b);
-  const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
+// The adapter index of a multi-adapter call as int64, its values checked to lie in [-1, adapters)
+// by a device-side assert: no host synchronization.
+at::Tensor checked_index(const at::Tensor& adapter, int64_t adapters) {
+  at::Tensor index = adapter.to(at::kLong).contiguous();
+  at::_assert_async(index.ge(-1).logical_and(index.lt(adapters)).all(),
+                    "lowrank_edit_multi: adapter holds an index outside [-1, A), A = P.size(0)");
+  return index;
+}
+
+// Forward of the single edit (index undefined; P, Q (r, d)) and of the multi-adapter edit
+// (index (N,) int64; P, Q (A, r, d), b (A, r)).
+std::tuple<at::Tensor, at::Tensor> edit_forward(const at::Tensor& h, const at::Tensor& P,
+                                                const at::Tensor& Q, const at::Tensor& b,
+                                                const at::Tensor& index) {
+  const int64_t N = h.size(0), d = h.size(1), r = P.size(-2);
   auto out = at::empty_like(h);
   auto z = at::empty({N, r}, P.options());
   if (N == 0) return {out, z};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    launch_edit_rows<scalar_t, acc_t>(h.const_data_ptr<scalar_t>(), P.const_data_ptr<acc_t>(),
-                                      Q.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-                                      out.mutable_data_ptr<scalar_t>(), z.mutable_data_ptr<acc_t>(),
-                                      N, d, static_cast<int>(r), stream);
+    launch_edit_rows<scalar_t, acc_t>(
+        h.const_data_ptr<scalar_t>(), P.const_data_ptr<acc_t>(), Q.const_data_ptr<acc_t>(),
+        b.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), z.mutable_data_ptr<acc_t>(), N,
+        d, static_cast<int>(r), index.defined() ? index.const_data_ptr<int64_t>() : nullptr,
+        stream);
   });
   return {out, z};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward_cuda(
+// Backward of either edit (index as in edit_forward).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edit_backward(
     const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
-    const at::Tensor& z, std::array<bool, 4> output_mask) {
-  check_backward_args(grad_out, h, P, Q, z);
-  const c10::cuda::CUDAGuard guard(h.device());
+    const at::Tensor& z, const at::Tensor& index, std::array<bool, 4> output_mask) {
   BackwardOutputs grads(h, P, output_mask);
-  const int64_t N = h.size(0), d = h.size(1), r = P.size(0);
+  const bool indexed = index.defined();
+  const int64_t N = h.size(0), d = h.size(1), r = P.size(-2);
+  const int64_t adapters = indexed ? P.size(0) : 1;
   // No products to sum (and no empty grid), or nothing asked for.
   if (N == 0 || d == 0 || !grads.any()) return grads.zero_filled();
   // gz is needed by ∂h, ∂P and ∂b; ∂Q needs only z and g.
   const bool want_gz = grads.want_h() || grads.want_P() || grads.want_b();
   const bool want_outer = grads.want_P() || grads.want_Q();
+  const bool want_sums = want_outer || grads.want_b();
+  const int64_t* index_ptr = indexed ? index.const_data_ptr<int64_t>() : nullptr;
   auto gz = at::empty({want_gz ? N : 0, r}, P.options());
-  const int64_t group_rows = rows_per_partial(N, r);
-  const int64_t groups = ceil_div(N, group_rows);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // Groups of rows for the parameter sums: runs of group_rows rows, or with an index each
+  // adapter's rows in groups planned on the device (by_adapter), `groups` then being a bound:
+  // every group but an adapter's last has at least rows_per_partial(0, r) rows, and no adapter
+  // has more than 256 groups.
+  int64_t group_rows = rows_per_partial(N, r);
+  int64_t groups = ceil_div(N, group_rows);
+  AdapterGroups by_adapter{nullptr, nullptr, nullptr, adapters};
+  at::Tensor order, plan;
+  if (indexed && want_sums) {
+    // Rows sorted by adapter (stable: row order within an adapter), the unedited rows last.
+    auto sorted = at::sort(index.masked_fill(index.lt(0), adapters), /*stable=*/true, 0, false);
+    order = std::get<1>(sorted);
+    plan = at::empty({2 * (adapters + 1)}, index.options());
+    int64_t* plan_ptr = plan.mutable_data_ptr<int64_t>();
+    plan_groups_kernel<<<1, kThreads, 0, stream>>>(std::get<0>(sorted).const_data_ptr<int64_t>(), N,
+                                                   adapters, static_cast<int>(r), plan_ptr,
+                                                   plan_ptr + adapters + 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    by_adapter = {order.const_data_ptr<int64_t>(), plan_ptr, plan_ptr + adapters + 1, adapters};
+    groups = std::min(ceil_div(N, rows_per_partial(0, r)) + adapters, 256 * adapters);
+    TORCH_CHECK(groups <= 65535, "lowrank_edit_multi: too many rows and adapters for one call (", N,
+                " rows, ", adapters, " adapters: ", groups, " partial-sum groups > 65535)");
+  }
   auto partials = at::empty({want_outer ? 2 : 0, groups, r, d}, P.options());
   auto bias_partials = at::empty({grads.want_b() ? groups : 0, r}, P.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
@@ -278,9 +422,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
       launch_edit_rows<scalar_t, acc_t>(
           g_ptr, Q.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), nullptr,
           grads.want_h() ? grads.grad_h.mutable_data_ptr<scalar_t>() : nullptr, gz_ptr, N, d,
-          static_cast<int>(r), stream);
+          static_cast<int>(r), index_ptr, stream);
     }
-    if (want_outer || grads.want_b()) {
+    if (want_sums) {
       // Two-byte rows use 4-byte loads (2 elements), so a warp still reads 128 contiguous
       // bytes while the grid keeps enough column blocks to fill the GPU. Depth: the wanted
       // ones of ∂P (t = 0) and ∂Q (t = 1); ∂b alone needs one layer of column blocks.
@@ -295,28 +439,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
       const int64_t columns = want_outer ? d : 0;
       acc_t* partials_ptr = want_outer ? partials.mutable_data_ptr<acc_t>() : nullptr;
       acc_t* bias_ptr = grads.want_b() ? bias_partials.mutable_data_ptr<acc_t>() : nullptr;
-      if (strips > 0) {
-        outer_partials_kernel<scalar_t, acc_t, V><<<grid, kThreads, 0, stream>>>(
-            h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N, columns,
-            static_cast<int>(r), group_rows, first_t);
+      const acc_t* z_ptr = z.const_data_ptr<acc_t>();
+      const int r_int = static_cast<int>(r);
+      if (strips > 0 && indexed) {
+        outer_partials_kernel<scalar_t, acc_t, V, true>
+            <<<grid, kThreads, 0, stream>>>(h_ptr, g_ptr, gz_ptr, z_ptr, partials_ptr, bias_ptr, N,
+                                            columns, r_int, group_rows, first_t, by_adapter);
+      } else if (strips > 0) {
+        outer_partials_kernel<scalar_t, acc_t, V, false>
+            <<<grid, kThreads, 0, stream>>>(h_ptr, g_ptr, gz_ptr, z_ptr, partials_ptr, bias_ptr, N,
+                                            columns, r_int, group_rows, first_t, by_adapter);
+      } else if (indexed) {
+        outer_partials_kernel<scalar_t, acc_t, 1, true>
+            <<<grid, kThreads, 0, stream>>>(h_ptr, g_ptr, gz_ptr, z_ptr, partials_ptr, bias_ptr, N,
+                                            columns, r_int, group_rows, first_t, by_adapter);
       } else {
-        outer_partials_kernel<scalar_t, acc_t, 1><<<grid, kThreads, 0, stream>>>(
-            h_ptr, g_ptr, gz_ptr, z.const_data_ptr<acc_t>(), partials_ptr, bias_ptr, N, columns,
-            static_cast<int>(r), group_rows, first_t);
+        outer_partials_kernel<scalar_t, acc_t, 1, false>
+            <<<grid, kThreads, 0, stream>>>(h_ptr, g_ptr, gz_ptr, z_ptr, partials_ptr, bias_ptr, N,
+                                            columns, r_int, group_rows, first_t, by_adapter);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t outputs = 2 * r * d + r;
+      const int64_t outputs = adapters * (2 * r * d + r);
       sum_partials_kernel<acc_t>
           <<<static_cast<unsigned>(ceil_div(outputs, kThreads)), kThreads, 0, stream>>>(
               partials_ptr, bias_partials.const_data_ptr<acc_t>(),
               grads.want_P() ? grads.grad_P.mutable_data_ptr<acc_t>() : nullptr,
               grads.want_Q() ? grads.grad_Q.mutable_data_ptr<acc_t>() : nullptr,
               grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr, groups, r * d,
-              static_cast<int>(r));
+              r_int, by_adapter.first_group, adapters);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return grads.as_tuple();
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_edit_forward_cuda(const at::Tensor& h,
+                                                             const at::Tensor& P,
+                                                             const at::Tensor& Q,
+                                                             const at::Tensor& b) {
+  check_forward_args(h, P, Q, b);
+  const c10::cuda::CUDAGuard guard(h.device());
+  return edit_forward(h, P, Q, b, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
+    const at::Tensor& z, std::array<bool, 4> output_mask) {
+  check_backward_args(grad_out, h, P, Q, z);
+  const c10::cuda::CUDAGuard guard(h.device());
+  return edit_backward(grad_out, h, P, Q, z, at::Tensor(), output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor> lowrank_edit_multi_forward_cuda(const at::Tensor& h,
+                                                                   const at::Tensor& P,
+                                                                   const at::Tensor& Q,
+                                                                   const at::Tensor& b,
+                                                                   const at::Tensor& adapter) {
+  check_multi_forward_args(h, P, Q, b, adapter);
+  const c10::cuda::CUDAGuard guard(h.device());
+  return edit_forward(h, P, Q, b, checked_index(adapter, P.size(0)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_multi_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
+    const at::Tensor& z, const at::Tensor& adapter, std::array<bool, 4> output_mask) {
+  check_multi_backward_args(grad_out, h, P, Q, z, adapter);
+  const c10::cuda::CUDAGuard guard(h.device());
+  return edit_backward(grad_out, h, P, Q, z, checked_index(adapter, P.size(0)), output_mask);
 }
 
 }  // namespace
@@ -324,6 +513,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_backward
 TORCH_LIBRARY_IMPL(reft_ext, CUDA, m) {
   m.impl("lowrank_edit_forward", &lowrank_edit_forward_cuda);
   m.impl("lowrank_edit_backward", &lowrank_edit_backward_cuda);
+  m.impl("lowrank_edit_multi_forward", &lowrank_edit_multi_forward_cuda);
+  m.impl("lowrank_edit_multi_backward", &lowrank_edit_multi_backward_cuda);
 }
 
 }  // namespace reft_ext

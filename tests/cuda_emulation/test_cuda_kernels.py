@@ -21,6 +21,7 @@ from truth import (
     polar_truth,
     qr_truth,
     truth_lowrank_edit,
+    truth_lowrank_edit_multi,
 )
 
 import reft_ext
@@ -127,6 +128,96 @@ def test_edit_bitwise_deterministic_across_runs_and_schedules(schedule, monkeypa
     scheduled = _edit_bits("cpu")
     for a, b, c in zip(first, second, scheduled, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-adapter edit
+
+# (N, d, A, r, dtype, pattern): row tiles that mix adapters and unedited rows (BGMV-style rows in
+# edit_rows_kernel), the vectorized and the scalar path, adapters with several partial-sum groups
+# and a partial last one next to adapters with none (the device-side group plan), and a rank tail.
+MULTI_CASES = {
+    "fp32-vec-mixed-tiles": (13, 1028, 5, 11, torch.float32, "mixed"),
+    "fp32-scalar-mixed-tiles": (10, 1030, 3, 3, torch.float32, "mixed"),
+    "bf16-vec-mixed-tiles": (9, 2056, 4, 5, torch.bfloat16, "mixed"),
+    "fp64-vec-mixed-tiles": (7, 514, 2, 9, torch.float64, "mixed"),
+    "fp32-groups-per-adapter-and-empty": (700, 36, 6, 2, torch.float32, "blocks"),
+    "fp32-40-adapters-sparse": (90, 64, 40, 3, torch.float32, "mixed"),
+}
+
+
+def _multi_adapter_index(N, A, pattern):
+    if pattern == "mixed":  # any adapter or -1, row by row
+        return torch.randint(-1, A, (N,))
+    # Long interleaved runs: adapters 0 and 3 get 300 rows each (3 groups of 128 rows at r = 2,
+    # the last partial), adapter 1 a short run, 2 and 5 none, plus unedited rows.
+    runs = [(0, 150), (3, 200), (-1, 20), (1, 10), (0, 150), (3, 100), (4, 70)]
+    index = torch.cat([torch.full((n,), a) for a, n in runs])
+    assert index.numel() == N
+    return index
+
+
+@pytest.mark.parametrize("case", list(MULTI_CASES))
+def test_multi_edit_forward_backward_match_truth(gpu, case):
+    """lowrank_edit_multi: output and the gradients of h and of every adapter's P, Q, b against
+    the row-by-row float64 truth (bf16: within 2× the gather-einsum composite's error)."""
+    N, d, A, r, dtype, pattern = MULTI_CASES[case]
+    acc = _acc(dtype)
+    h = torch.randn(N, d, dtype=torch.float64).to(gpu, dtype).requires_grad_()
+    P, Q = ((torch.randn(A, r, d, dtype=torch.float64) / d**0.5).to(gpu, acc) for _ in range(2))
+    b = torch.randn(A, r, dtype=torch.float64).to(gpu, acc)
+    leaves = [h, P.requires_grad_(), Q.requires_grad_(), b.requires_grad_()]
+    adapter = _multi_adapter_index(N, A, pattern).to(gpu)
+    out = reft_ext.lowrank_edit_multi(*leaves, adapter)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out64 = truth_lowrank_edit_multi(*leaves64, adapter.cpu())
+    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double(), allow_unused=True)
+    grads64 = [
+        torch.zeros_like(t) if g is None else g for t, g in zip(leaves64, grads64, strict=True)
+    ]
+    if dtype in (torch.float64, torch.float32):
+        assert_close_rel(out, out64.detach())
+        for g, g64 in zip(grads, grads64, strict=True):
+            assert_close_rel(g, g64)
+        return
+    naive = reference.lowrank_edit_multi(*leaves, adapter)
+    (naive_grad_h,) = torch.autograd.grad(naive, leaves[0], grad_out)
+    assert max_abs_err(out, out64) <= 2 * max_abs_err(naive, out64) + 1e-6
+    assert max_abs_err(grads[0], grads64[0]) <= 2 * max_abs_err(naive_grad_h, grads64[0]) + 1e-6
+    for g, g64 in zip(grads[1:], grads64[1:], strict=True):
+        assert_close_rel(g, g64, rel=1e-4)
+
+
+def _multi_bits(gpu):
+    N, d, A, r, dtype, pattern = MULTI_CASES["fp32-groups-per-adapter-and-empty"]
+    torch.manual_seed(1)
+    h = torch.randn(N, d, device=gpu, requires_grad=True)
+    P, Q = (torch.randn(A, r, d, device=gpu, requires_grad=True) for _ in range(2))
+    b = torch.randn(A, r, device=gpu, requires_grad=True)
+    out = reft_ext.lowrank_edit_multi(h, P, Q, b, _multi_adapter_index(N, A, pattern).to(gpu))
+    return [out.detach(), *torch.autograd.grad(out, (h, P, Q, b), torch.ones_like(out))]
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_multi_edit_bitwise_deterministic_across_schedules(schedule, monkeypatch):
+    """The device-side plan and the per-adapter sums run in a fixed order whatever the schedule."""
+    first = _multi_bits("cpu")
+    for name, value in SCHEDULES[schedule].items():
+        monkeypatch.setenv(name, value)
+    for a, b in zip(first, _multi_bits("cpu"), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda_emulated
+def test_multi_edit_bad_index_is_a_device_side_assert():
+    """An index outside [-1, A) is caught by the asynchronous assert (on the emulated device it
+    raises at once) before any kernel reads a factor out of bounds."""
+    h, P, Q, b = (torch.randn(s) for s in ((6, 16), (2, 3, 16), (2, 3, 16), (2, 3)))
+    with pytest.raises(RuntimeError, match="outside \\[-1, A\\)"):
+        reft_ext.lowrank_edit_multi(h, P, Q, b, torch.tensor([0, 1, 2, 0, 1, -1]))
 
 
 # --------------------------------------------------------------------------------------------------

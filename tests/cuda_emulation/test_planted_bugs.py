@@ -26,8 +26,8 @@ WARP = "cuda/warp_reduce.cuh"
 MUTATIONS = {
     "write-one-past-an-output": (
         EDIT,
-        "    grad_b[k] = total;\n",
-        "    grad_b[k] = total;\n    if (k == r - 1) grad_b[r] = total;\n",
+        "    grad_b[a * r + k] = total;\n",
+        "    grad_b[a * r + k] = total;\n    if (k == r - 1) grad_b[a * r + r] = total;\n",
         "default",
         ("backward", "error", "out-of-bounds write"),
     ),
@@ -76,8 +76,9 @@ MUTATIONS = {
     ),
     "launch-not-checked": (
         EDIT,
-        "              static_cast<int>(r));\n      C10_CUDA_KERNEL_LAUNCH_CHECK();\n    }",
-        "              static_cast<int>(r));\n    }",
+        "              r_int, by_adapter.first_group, adapters);\n"
+        "      C10_CUDA_KERNEL_LAUNCH_CHECK();\n",
+        "              r_int, by_adapter.first_group, adapters);\n",
         "default",
         ("backward", "error", "C10_CUDA_KERNEL_LAUNCH_CHECK"),
     ),
