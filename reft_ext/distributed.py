@@ -134,10 +134,12 @@ def shard_base_model(
         group: process group of the interventions' gradient average; default: the default group.
 
     Returns:
-        The :func:`average_gradients` handle of ``reft_model.interventions``.
+        The :func:`average_gradients` handle of the trainable parameters of
+        ``reft_model.adapters``: the active adapter's, and those of any adapter made trainable
+        with ``set_requires_grad`` before this call (several adapters trained in mixed batches).
 
-    The optimizer is built over ``reft_model.interventions.parameters()`` (plain tensors, not
-    DTensors), so the automatic retraction after each step works as in one process.
+    The optimizer is built over those parameters (plain tensors, not DTensors), so the automatic
+    retraction after each step works as in one process.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -158,7 +160,7 @@ def shard_base_model(
     for block in blocks:
         fully_shard(block, **options)
     fully_shard(reft_model.model, **options)
-    return average_gradients(reft_model.interventions, group)
+    return average_gradients(reft_model.adapters, group)
 
 
 # ---- DeepSpeed ZeRO ----------------------------------------------------------------------------

@@ -325,9 +325,10 @@ class auto_retraction:
     Covers every ``torch.optim.Optimizer`` subclass, including the ones built inside
     ``transformers.Trainer``, pyreft's trainers and accelerate (whose wrapper calls the torch
     optimizer's ``step``); a GradScaler step skipped on overflow retracts nothing (it updated
-    nothing). Not covered: updates outside an optimizer (``p.data -= ...``) and optimizers that
-    step flattened copies of the parameters (DeepSpeed ZeRO) — there call :func:`retract_list_`
-    yourself.
+    nothing). Not covered: updates outside an optimizer (``p.data -= ...``: call
+    :func:`retract_list_` yourself) and optimizers that step flattened copies of the parameters
+    (DeepSpeed ZeRO, whose float32 masters would overwrite a retracted R at the next step: use
+    :func:`reft_ext.distributed.zero_callback` or :func:`reft_ext.distributed.retract_zero_`).
     """
 
     def __init__(self, enabled: bool = True, method: str = "cholqr2"):

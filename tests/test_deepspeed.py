@@ -6,9 +6,9 @@ The ranks are child processes (tests/distributed/launch.py: file rendezvous, glo
 interface) running tests/distributed/deepspeed_worker.py. DS_ACCELERATOR=cpu makes DeepSpeed use
 its CPU accelerator, whose communication backend is gloo when oneCCL's bindings are absent.
 
-Skipped where deepspeed is not importable: the project's venv does not have it. See
-DEEPSPEED_FINDINGS.md for the environment these tests ran in (deepspeed 0.19.8, torch 2.14.1,
-transformers 5.25.0, accelerate 1.16.0).
+Skipped where deepspeed is not importable: the test extra leaves it out (it is large and
+JIT-compiles an op at start); .ci/run installs deepspeed 0.19.8 into the venv after the main tests
+and runs this file (README, "DeepSpeed ZeRO").
 """
 
 from __future__ import annotations
