@@ -74,8 +74,11 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_multi_forward_cpu(const at::Tens
   const AdapterSegments segments(adapter, A);
   auto out = at::empty_like(h);
   auto z = at::zeros({N, r}, P.options());  // unedited rows: z = 0
-  // Chunks of at most `grain` rows (a multiple of the row block), never across adapters.
-  const int64_t grain = ceil_div(std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), 4) * 4;
+  // Chunks of at most `grain` rows (a multiple of the row block), never across adapters: large
+  // enough that a chunk's setup (the row scratch) is small against its rows, small enough to
+  // give every thread several chunks.
+  const int64_t per_thread = ceil_div(N, 4 * static_cast<int64_t>(at::get_num_threads()));
+  const int64_t grain = ceil_div(std::clamp<int64_t>(per_thread, 4, 256), 4) * 4;
   std::vector<Chunk> chunks;
   for (int64_t s = 0; s <= A; ++s) {
     for (int64_t n = segments.begin(s); n < segments.end(s); n += grain) {

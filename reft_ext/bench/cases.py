@@ -28,6 +28,8 @@ import torch
 
 from .. import reference
 from ..functional import loreft
+from .models import RANDOM_LLAMAS, random_llama
+from .multi import MultiGenerateCase, MultiOpCase
 from .record import Case
 from .table import Column, format_ms, ratio
 
@@ -541,18 +543,6 @@ def train_step_calls(case: TrainStepCase, device: torch.device) -> dict:
     }
 
 
-#: The pyreft-step suite's base models: name -> (LlamaConfig keywords, intervened blocks). Random
-#: weights (no download); "smollm2" has SmolLM2-135M's shape.
-PYREFT_STEP_MODELS: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=64),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
-    "d2048": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
-                  num_attention_heads=16, num_key_value_heads=16, vocab_size=1000),
-}  # fmt: skip
-
-
 def _overhead_ratio(m: dict[str, float]) -> float | None:
     """The swap's time above the frozen step over pyreft's (None when pyreft adds nothing)."""
     pyreft_added = m["pyreft"] - m["frozen"]
@@ -590,7 +580,7 @@ class PyreftStepCase(Case):
             return [cls()]
         return [
             cls(model=m, r=r, positions=p)
-            for m in PYREFT_STEP_MODELS
+            for m in RANDOM_LLAMAS
             for r in (4, 8)
             for p in ("f1+l1", "all")
         ]
@@ -608,15 +598,11 @@ def pyreft_step_calls(case: PyreftStepCase, device: torch.device) -> dict:
       forward with unit_locations, backward, AdamW step;
     - ``swap``: the same, built after ``reft_ext.integrations.pyreft.apply()`` (our drop-in).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from ..integrations.pyreft import apply
 
     pyreft = pyreft_module()
-    config = LlamaConfig(**PYREFT_STEP_MODELS[case.model])
-    model = LlamaForCausalLM(config).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = random_llama(case.model, device)
+    config = model.config
     d, layers = config.hidden_size, range(4)
     embeds = torch.randn(case.B, case.T, d, device=device)
     labels = torch.randint(0, config.vocab_size, (case.B, case.T), device=device)
@@ -670,4 +656,6 @@ SUITES: tuple[type[Case], ...] = (
     HookCase,
     TrainStepCase,
     PyreftStepCase,
+    MultiOpCase,
+    MultiGenerateCase,
 )
