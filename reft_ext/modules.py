@@ -13,8 +13,10 @@ Every module maps hidden states h (..., embed_dim) to h + (h Pᵀ + b) Q, the on
 
 Orthogonality (``orthogonality=``): ``"retraction"`` marks R for :func:`reft_ext.keep_orthonormal`,
 which retracts it after each optimizer step; ``"parametrization"`` uses torch's orthogonal
-parametrization as pyreft does (for comparison; its state_dict keys are torch's); ``None`` leaves
-R free. Dropout, when set, applies to the edit only (not to h) and is off in ``eval()``.
+parametrization as pyreft does (for comparison; its state_dict keys are torch's);
+``"householder"`` computes the same function of the same trained X in O(d·r²)
+(reft_ext.householder: the d×d base kept as r reflectors); ``None`` leaves R free. Dropout, when
+set, applies to the edit only (not to h) and is off in ``eval()``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from torch import nn
 
 from .dtypes import accumulation_dtype
 from .functional import direft, loreft, lowrank_edit
+from .householder import householder_orthogonal
 from .retraction import StiefelParameter
 
-_ORTHOGONALITY = ("retraction", "parametrization", None)
+_ORTHOGONALITY = ("retraction", "parametrization", "householder", None)
 
 
 class _Intervention(nn.Module):
@@ -69,8 +72,7 @@ class _Intervention(nn.Module):
             raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
         if orthogonality not in _ORTHOGONALITY:
             raise ValueError(
-                f"{name}: orthogonality must be 'retraction', 'parametrization' or None, "
-                f"got {orthogonality!r}"
+                f"{name}: orthogonality must be one of {_ORTHOGONALITY}, got {orthogonality!r}"
             )
         self.embed_dim, self.rank, self.dropout = embed_dim, rank, dropout
         self.orthogonality = orthogonality
@@ -83,6 +85,8 @@ class _Intervention(nn.Module):
         self.reset_parameters()
         if orthogonality == "parametrization":
             nn.utils.parametrizations.orthogonal(self, "R")
+        elif orthogonality == "householder":
+            householder_orthogonal(self, "R")
 
     def reset_parameters(self) -> None:
         """R: random orthonormal rows; W, b: as pyreft's ``nn.Linear(embed_dim, rank)`` source."""

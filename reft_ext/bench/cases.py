@@ -273,12 +273,14 @@ class RetractionCase(Case):
 
     suite: ClassVar[str] = "retraction"
     title: ClassVar[str] = (
-        "Retraction: fused vs torch.linalg.qr loop (and pyreft's parametrization)"
+        "Retraction: fused vs torch.linalg.qr loop (and pyreft's parametrization, also in its "
+        "O(d·r²) householder form)"
     )
     columns: ClassVar[tuple[Column, ...]] = (
         ratio("torch_qr", "fused"),
         ratio("torch_qr", "keep_orthonormal"),
         ratio("parametrization", "fused"),
+        ratio("parametrization", "householder"),
     )
 
     k: int
@@ -294,10 +296,10 @@ class RetractionCase(Case):
         return singles + [cls(32, 4096, 8), cls(32, 4096, 32)]
 
     def calls(self, device: torch.device) -> dict[str, Callable[[], object]]:
-        """fused, keep_orthonormal and torch_qr; parametrization too for k = 1 (the slow
-        baseline)."""
+        """fused, keep_orthonormal and torch_qr; for k = 1 also pyreft's parametrization (the slow
+        baseline) and its O(d·r²) householder form."""
         providers = ["fused", "keep_orthonormal", "torch_qr"]
-        providers += ["parametrization"] if self.k == 1 else []
+        providers += ["parametrization", "householder"] if self.k == 1 else []
         return {p: retraction_call(self, p, device) for p in providers}
 
     def timing(self, repeats: int) -> dict:
@@ -320,7 +322,9 @@ def retraction_call(case: RetractionCase, provider: str, device: torch.device):
       parameters (an optimizer step without gradients, so the retraction alone);
     - ``torch_qr``: a loop of torch.linalg.qr retractions, one per matrix;
     - ``parametrization``: pyreft's way, torch's orthogonal parametrization of a (d, r) weight,
-      forward and backward of one weight read, per matrix (k = 1 only: it is the slow baseline).
+      forward and backward of one weight read, per matrix (k = 1 only: it is the slow baseline);
+    - ``householder``: the same function in O(d·r²) (reft_ext.householder), forward and backward
+      of one read of the (r, d) R (k = 1).
     """
     from ..retraction import retract_
 
@@ -353,6 +357,17 @@ def retraction_call(case: RetractionCase, provider: str, device: torch.device):
             layer.weight.sum().backward()
 
         return read
+    if provider == "householder":
+        from ..householder import householder_orthogonal
+
+        module = torch.nn.Module()
+        module.R = torch.nn.Parameter(torch.linalg.qr(R.T)[0].T.contiguous())
+        householder_orthogonal(module)
+
+        def read_householder():
+            module.R.sum().backward()
+
+        return read_householder
     raise ValueError(f"unknown retraction provider {provider!r}")
 
 

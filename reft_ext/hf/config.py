@@ -98,7 +98,8 @@ class ReftConfig:
         default="retraction",
         metadata={
             "help": "'retraction' (R retracted after each optimizer step), 'parametrization' "
-            "(torch's, as pyreft) or None; only for interventions whose R is orthonormal"
+            "(torch's, as pyreft), 'householder' (the same function in O(d·r²)) or None; only "
+            "for interventions whose R is orthonormal"
         },
     )
 
