@@ -27,16 +27,39 @@ class Adapter:
         return sum(p.numel() for p in self.params)
 
 
-def loreft(model: torch.nn.Module, layers: list[int], rank: int, positions: str) -> Adapter:
-    """LoReFT of rank ``rank`` at ``positions`` of the outputs of blocks ``layers``."""
-    config = reft_ext.ReftConfig(layers=layers, rank=rank, positions=positions)
+#: LoReFT's ways of keeping R orthonormal (the pyreft parity study compares them): method name ->
+#: (ReftConfig's orthogonality, keep_orthonormal's project_grad or None where nothing retracts).
+LOREFT_VARIANTS = {
+    "loreft": ("retraction", False),
+    "loreft-riemannian": ("retraction", True),
+    "loreft-householder": ("householder", None),
+    "loreft-parametrization": ("parametrization", None),
+}
+
+
+def loreft(
+    model: torch.nn.Module, layers: list[int], rank: int, positions: str, method: str = "loreft"
+) -> Adapter:
+    """LoReFT of rank ``rank`` at ``positions`` of the outputs of blocks ``layers``, R kept
+    orthonormal the way ``method`` (a LOREFT_VARIANTS key) says."""
+    orthogonality, project_grad = LOREFT_VARIANTS[method]
+    config = reft_ext.ReftConfig(
+        layers=layers, rank=rank, positions=positions, orthogonality=orthogonality
+    )
     reft_model = reft_ext.get_reft_model(model, config)
+    after_optimizer = None
+    if project_grad is not None:
+
+        def after_optimizer(optimizer):
+            return reft_model.keep_orthonormal(optimizer, project_grad=project_grad)
+
+    suffix = "" if method == "loreft" else f", {method.removeprefix('loreft-')}"
     return Adapter(
-        name="LoReFT (reft_ext)",
+        name=f"LoReFT (reft_ext{suffix})",
         model=reft_model,
         params=[p for p in reft_model.parameters() if p.requires_grad],
-        settings={"layers": layers, "rank": rank, "positions": positions},
-        after_optimizer=reft_model.keep_orthonormal,
+        settings={"layers": layers, "rank": rank, "positions": positions, "method": method},
+        after_optimizer=after_optimizer,
     )
 
 

@@ -60,7 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument(
-        "--methods", nargs="+", choices=("loreft", "lora"), default=["loreft", "lora"]
+        "--methods",
+        nargs="+",
+        choices=(*adapters.LOREFT_VARIANTS, "lora"),
+        default=["loreft", "lora"],
+        help="loreft: R retracted after each step (default); loreft-riemannian: with the "
+        "Riemannian gradient; loreft-householder / loreft-parametrization: pyreft's orthogonal "
+        "parametrization, fast / as torch computes it",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -101,17 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"zero-shot test accuracy: {zero_shot['test_accuracy']:.3f}")
 
-    builders = {
-        "loreft": (
-            lambda m: adapters.loreft(
-                m, args.loreft_layers, args.loreft_rank, args.loreft_positions
-            ),
-            args.loreft_lr,
-        ),
-        "lora": (lambda m: adapters.lora(m, args.lora_rank, LORA_TARGETS), args.lora_lr),
-    }
+    def build_loreft(method):
+        return lambda m: adapters.loreft(
+            m, args.loreft_layers, args.loreft_rank, args.loreft_positions, method
+        )
+
+    builders = {m: (build_loreft(m), args.loreft_lr) for m in adapters.LOREFT_VARIANTS}
+    builders["lora"] = (lambda m: adapters.lora(m, args.lora_rank, LORA_TARGETS), args.lora_lr)
     methods = []
     for build, lr in (builders[name] for name in args.methods):
+        torch.manual_seed(args.seed + 1)  # every method starts from its seed's initial weights
         adapter = build(copy.deepcopy(base))
         log = train(
             adapter,
