@@ -40,6 +40,13 @@ pytestmark = pytest.mark.not_emulated  # CPU processes only: no kernel of the em
 WORKER = Path(__file__).resolve().parent / "distributed" / "deepspeed_worker.py"
 
 
+def launch_ds(mode: str, out: Path, monkeypatch) -> list[dict]:
+    """Run ``mode`` of deepspeed_worker.py on 2 ranks with DeepSpeed's CPU accelerator; assert
+    both succeeded; return each rank's saved results."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    return launch.successful_ranks(mode, out, worker=WORKER)
+
+
 @pytest.fixture(scope="module")
 def shm_op_built():
     """DeepSpeed's communication backend JIT-compiles its shared-memory all-reduce op
@@ -52,22 +59,6 @@ def shm_op_built():
         [sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=400
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-
-
-def launch_ds(mode: str, out: Path, monkeypatch) -> list[dict]:
-    """Run ``mode`` of deepspeed_worker.py on 2 ranks; assert both succeeded; return each rank's
-    saved results."""
-    monkeypatch.setattr(launch, "WORKER", WORKER)
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    ranks = launch.run_ranks(mode, out)
-    for rank in ranks:
-        assert rank.returncode == 0, f"rank {rank.rank} of {mode}:\n{rank.output[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
-
-
-def max_rel_state(got: dict, want: dict) -> float:
-    assert got.keys() == want.keys()
-    return max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in want)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +102,7 @@ def test_zero_two_ranks_equal_one_process_trainer(
         assert rank["stage"] == stage
         assert rank["R_partitioned"] == partitioned
         assert rank["R_class"] == "StiefelParameter"  # ZeRO kept the parameter's class
-    assert max_rel_state(first, want) <= 1e-5
+    assert common.max_rel_state(first, want) <= 1e-5
     assert results[0]["losses"] == pytest.approx(want_losses, rel=1e-5)
     for name, value in first.items():
         if name.endswith(".R"):

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 
 import common  # noqa: E402
-from launch import run_ranks  # noqa: E402
+from launch import run_ranks, successful_ranks  # noqa: E402
 from truth import orth_error  # noqa: E402
 
 import reft_ext  # noqa: E402
@@ -26,19 +26,6 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 pytestmark = pytest.mark.not_emulated  # CPU processes only: no kernel of the emulated suite
-
-
-def launch(mode: str, out: Path) -> list[dict]:
-    """Run ``mode`` on 2 ranks; assert both succeeded; return each rank's saved results."""
-    ranks = run_ranks(mode, out)
-    for rank in ranks:
-        assert rank.returncode == 0, f"rank {rank.rank} of {mode}:\n{rank.output[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
-
-
-def max_rel_state(got: dict, want: dict) -> float:
-    assert got.keys() == want.keys()
-    return max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in want)
 
 
 def assert_ranks_identical(results: list[dict]) -> None:
@@ -87,10 +74,10 @@ def test_two_ranks_equal_one_process_on_both_batches(tmp_path, single_process, m
     """After 20 AdamW steps (weight decay, automatic retraction) the 2-rank run with 2 rows per
     rank equals one process with 4 rows per step (1e-5 relative, float32), the ranks agree bit
     for bit, and only rank 0 writes the adapter."""
-    results = launch(mode, tmp_path)
+    results = successful_ranks(mode, tmp_path)
     assert_ranks_identical(results)
     want, tokens = single_process
-    assert max_rel_state(results[0]["interventions"], want) <= 1e-5
+    assert common.max_rel_state(results[0]["interventions"], want) <= 1e-5
     check_adapter_and_generation(tmp_path, results)
     if "tokens" in results[0]:
         assert torch.equal(results[0]["tokens"], tokens)
@@ -100,11 +87,11 @@ def test_fsdp2_bf16_compute_float32_interventions(tmp_path, single_process):
     """FSDP2 with MixedPrecisionPolicy(param_dtype=bfloat16): the blocks compute in bfloat16, the
     float32 interventions edit their outputs; the ranks agree bit for bit and the result is
     float32 training's to bfloat16 accuracy."""
-    results = launch("fsdp2-bf16", tmp_path)
+    results = successful_ranks("fsdp2-bf16", tmp_path)
     assert_ranks_identical(results)
     want, _ = single_process
-    assert max_rel_state(results[0]["interventions"], want) <= 5e-2
-    assert max_rel_state(results[0]["interventions"], want) > 0  # it did compute in bf16
+    assert common.max_rel_state(results[0]["interventions"], want) <= 5e-2
+    assert common.max_rel_state(results[0]["interventions"], want) > 0  # it did compute in bf16
     assert [len(r["written"]) for r in results] == [2, 0]
     for name, value in results[0]["interventions"].items():
         if name.endswith(".R"):
@@ -117,7 +104,7 @@ def test_trainer_ddp_equals_one_process_trainer_and_resumes_exactly(tmp_path):
     interventions only; resuming from the step-10 checkpoint on 2 ranks ends bit for bit where
     the uninterrupted run ended (interventions and optimizer state restored)."""
     first = tmp_path / "first"
-    results = launch("trainer", first)
+    results = successful_ranks("trainer", first)
     assert_ranks_identical(results)
     assert [len(r["written"]) for r in results] == [2, 0]
     for name, value in results[0]["interventions"].items():
@@ -134,7 +121,8 @@ def test_trainer_ddp_equals_one_process_trainer_and_resumes_exactly(tmp_path):
         ).train()
     finally:
         torch.set_num_threads(threads)
-    assert max_rel_state(results[0]["interventions"], common.interventions(reft_model)) <= 1e-5
+    want = common.interventions(reft_model)
+    assert common.max_rel_state(results[0]["interventions"], want) <= 1e-5
 
     checkpoint = first / "trainer" / f"checkpoint-{common.STEPS // 2}"
     saved = safetensors_torch.load_file(str(checkpoint / "model.safetensors"))
@@ -142,7 +130,7 @@ def test_trainer_ddp_equals_one_process_trainer_and_resumes_exactly(tmp_path):
     assert (checkpoint / "optimizer.pt").is_file()
     second = tmp_path / "second"
     shutil.copytree(checkpoint, second / "trainer" / checkpoint.name)
-    resumed = launch("trainer-resume", second)
+    resumed = successful_ranks("trainer-resume", second)
     assert_ranks_identical(resumed)
     for key, value in results[0]["interventions"].items():
         assert torch.equal(resumed[0]["interventions"][key], value), key

@@ -7,7 +7,7 @@ from autograd of that loop.
 
 import pytest
 import torch
-from truth import assert_close_rel, max_abs_err, truth_lowrank_edit, truth_lowrank_edit_multi
+from truth import assert_close_rel, max_abs_err, truth_lowrank_edit, truth_multi_and_grads
 
 import reft_ext
 from reft_ext import reference
@@ -33,13 +33,7 @@ def fused_and_truth(leaves, adapter, grad_out=None):
     if grad_out is None:
         grad_out = torch.randn(out.shape, dtype=torch.float64).to(out)
     grads = torch.autograd.grad(out, leaves, grad_out)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    out64 = truth_lowrank_edit_multi(*leaves64, adapter.cpu())
-    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double(), allow_unused=True)
-    grads64 = [
-        torch.zeros_like(t) if g is None else g for t, g in zip(leaves64, grads64, strict=True)
-    ]
-    return (out, grads), (out64.detach(), grads64), grad_out
+    return (out, grads), truth_multi_and_grads(leaves, adapter, grad_out), grad_out
 
 
 def check_against_truth(leaves, adapter):

@@ -43,6 +43,16 @@ def truth_lowrank_edit_multi(h, P, Q, b, adapter):
     return torch.cat(rows) if rows else h.clone()
 
 
+def truth_multi_and_grads(leaves, adapter, grad_out):
+    """(out64, grads64): truth_lowrank_edit_multi on float64 copies of ``leaves`` (h, P, Q, b)
+    and the gradients of ⟨grad_out, out⟩ with respect to each (zeros for adapters no row uses)."""
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out64 = truth_lowrank_edit_multi(*leaves64, adapter.cpu())
+    grads = torch.autograd.grad(out64, leaves64, grad_out.double(), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves64, grads, strict=True)]
+    return out64.detach(), grads
+
+
 def assert_close_rel(actual, expected, rel=None):
     """``actual`` matches float64 ``expected`` within ``rel`` of expected's largest magnitude."""
     rel = REL_TOL[actual.dtype] if rel is None else rel

@@ -21,7 +21,7 @@ from truth import (
     polar_truth,
     qr_truth,
     truth_lowrank_edit,
-    truth_lowrank_edit_multi,
+    truth_multi_and_grads,
 )
 
 import reft_ext
@@ -171,12 +171,7 @@ def test_multi_edit_forward_backward_match_truth(gpu, case):
     out = reft_ext.lowrank_edit_multi(*leaves, adapter)
     grad_out = torch.randn(out.shape, dtype=torch.float64).to(out)
     grads = torch.autograd.grad(out, leaves, grad_out)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    out64 = truth_lowrank_edit_multi(*leaves64, adapter.cpu())
-    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double(), allow_unused=True)
-    grads64 = [
-        torch.zeros_like(t) if g is None else g for t, g in zip(leaves64, grads64, strict=True)
-    ]
+    out64, grads64 = truth_multi_and_grads(leaves, adapter, grad_out)
     if dtype in (torch.float64, torch.float32):
         assert_close_rel(out, out64.detach())
         for g, g64 in zip(grads, grads64, strict=True):

@@ -112,3 +112,9 @@ def trainer_dataset() -> list[dict[str, torch.Tensor]]:
     data = dataset()
     order = [row for step in range(STEPS) for row in global_rows(step)]
     return [{"input_ids": data[row], "labels": data[row]} for row in order]
+
+
+def max_rel_state(got: dict, want: dict) -> float:
+    """The largest relative difference, tensor by tensor, of two state dicts with the same keys."""
+    assert got.keys() == want.keys()
+    return max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in want)

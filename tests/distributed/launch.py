@@ -26,8 +26,11 @@ class Rank:
     output: str
 
 
-def run_ranks(mode: str, out_dir: Path, world: int = 2, timeout: float = 110.0) -> list[Rank]:
-    """Run ``worker.py mode out_dir`` on ``world`` ranks; returns each rank's exit and output."""
+def run_ranks(
+    mode: str, out_dir: Path, world: int = 2, timeout: float = 110.0, worker: Path = WORKER
+) -> list[Rank]:
+    """Run ``worker mode out_dir`` (default worker.py) on ``world`` ranks; returns each rank's
+    exit and output."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rendezvous = out_dir / f"rendezvous-{mode}-{time.monotonic_ns()}"
     env_common = {
@@ -43,7 +46,7 @@ def run_ranks(mode: str, out_dir: Path, world: int = 2, timeout: float = 110.0) 
     logs = [open(out_dir / f"{mode}-rank{r}.log", "w+") for r in range(world)]  # noqa: SIM115
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), mode, str(out_dir)],
+            [sys.executable, str(worker), mode, str(out_dir)],
             env=env_common | {"RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=logs[r],
             stderr=subprocess.STDOUT,
@@ -70,3 +73,14 @@ def run_ranks(mode: str, out_dir: Path, world: int = 2, timeout: float = 110.0) 
         ranks.append(Rank(r, None if r in killed else p.returncode, log.read()))
         log.close()
     return ranks
+
+
+def successful_ranks(mode: str, out_dir: Path, worker: Path = WORKER) -> list[dict]:
+    """Run ``mode`` on 2 ranks, assert both succeeded (else fail with the rank's output) and
+    return each rank's saved results (``rank{r}.pt`` in ``out_dir``)."""
+    import torch
+
+    ranks = run_ranks(mode, out_dir, worker=worker)
+    for rank in ranks:
+        assert rank.returncode == 0, f"rank {rank.rank} of {mode}:\n{rank.output[-4000:]}"
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(len(ranks))]
