@@ -147,3 +147,20 @@ def test_bad_shapes_are_named():
     householder_orthogonal(module)
     with pytest.raises(ValueError, match="R must have shape \\(2, 10\\)"):
         module.parametrizations.R[0].right_inverse(torch.randn(3, 10, dtype=DTYPE))
+
+
+def test_reft_model_adapter_with_householder_saves_and_loads(tmp_path):
+    """ReftConfig(orthogonality="householder"): the adapter folder holds the original and the
+    reflectors, and a fresh model loads the same function (same logits)."""
+    from tiny_models import tiny_llama
+
+    config = reft_ext.ReftConfig(layers=[0, 1], rank=2, orthogonality="householder")
+    reft_model = reft_ext.get_reft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for module in reft_model.interventions.values():
+            module.parametrizations.R.original.add_(0.1 * torch.randn_like(module.R))
+    ids = torch.randint(3, 96, (2, 7))
+    expected = reft_model(input_ids=ids).logits
+    reft_model.save_pretrained(tmp_path)
+    loaded = reft_ext.ReftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
