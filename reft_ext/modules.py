@@ -84,7 +84,10 @@ class _Intervention(nn.Module):
         self.b = nn.Parameter(torch.empty(rank, **factory))
         self.reset_parameters()
         if orthogonality == "parametrization":
-            nn.utils.parametrizations.orthogonal(self, "R")
+            # torch draws the base's other columns at random: from a forked RNG, so that the
+            # next module's initial weights do not depend on this choice.
+            with torch.random.fork_rng(devices=[R.device] if R.is_cuda else []):
+                nn.utils.parametrizations.orthogonal(self, "R")
         elif orthogonality == "householder":
             householder_orthogonal(self, "R")
 

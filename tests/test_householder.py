@@ -164,3 +164,17 @@ def test_reft_model_adapter_with_householder_saves_and_loads(tmp_path):
     reft_model.save_pretrained(tmp_path)
     loaded = reft_ext.ReftModel.from_pretrained(tiny_llama(), tmp_path)
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_every_orthogonality_starts_from_the_same_weights():
+    """Under one seed, a stack of interventions gets the same initial R, W and b whichever way R
+    is kept orthonormal (torch's parametrization draws its base from a forked RNG), so the ways
+    can be compared from the same start."""
+    starts = []
+    for orthogonality in ("retraction", "parametrization", "householder"):
+        torch.manual_seed(0)
+        modules = [reft_ext.LoReFT(32, 2, orthogonality=orthogonality) for _ in range(3)]
+        starts.append([t.detach() for m in modules for t in (m.R, m.W, m.b)])
+    for other in starts[1:]:
+        for a, b in zip(starts[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
