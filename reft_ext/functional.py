@@ -13,20 +13,36 @@ from . import ops  # noqa: F401  (registers the ops and their autograd formula)
 from .dtypes import SUPPORTED_DTYPES, SUPPORTED_NAMES, accumulation_dtype
 
 
-def _check_inputs(
-    op: str, h: torch.Tensor, factors: dict[str, torch.Tensor], b: torch.Tensor
-) -> None:
-    """Raise TypeError/ValueError naming the argument when the inputs of ``op`` do not fit."""
-    for name, t in {"h": h, **factors, "b": b}.items():
+def _check_tensors(op: str, h: torch.Tensor, tensors: dict[str, object]) -> None:
+    """Every entry of ``tensors`` (h's included) a dense torch.Tensor, and h rows of a supported
+    dtype; else TypeError/ValueError naming the argument."""
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if h.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{op}: h must be {SUPPORTED_NAMES}, got {h.dtype}")
     if h.dim() < 1:
         raise ValueError(f"{op}: h must have shape (..., d), got a 0-d tensor")
-    for name, t in {"h": h, **factors, "b": b}.items():
+    for name, t in tensors.items():
         if t.layout != torch.strided:
             raise ValueError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
+
+
+def _check_parameter(op: str, name: str, t: torch.Tensor, h: torch.Tensor) -> None:
+    """A parameter ``name`` of h's dtype or float32, on h's device; else ValueError naming it."""
+    if t.dtype not in (h.dtype, torch.float32):
+        raise ValueError(
+            f"{op}: {name} must have h's dtype ({h.dtype}) or torch.float32, got {t.dtype}"
+        )
+    if t.device != h.device:
+        raise ValueError(f"{op}: {name} must be on h's device ({h.device}), got {t.device}")
+
+
+def _check_inputs(
+    op: str, h: torch.Tensor, factors: dict[str, torch.Tensor], b: torch.Tensor
+) -> None:
+    """Raise TypeError/ValueError naming the argument when the inputs of ``op`` do not fit."""
+    _check_tensors(op, h, {"h": h, **factors, "b": b})
     d = h.shape[-1]
     first = next(iter(factors.values()))
     rank = first.shape[0] if first.dim() == 2 else None
@@ -38,12 +54,7 @@ def _check_inputs(
                 f"{op}: {name} must have shape {shown} = {expected if rank else shown} with r >= 1 "
                 f"and d = h.shape[-1] = {d}, got {tuple(t.shape)}"
             )
-        if t.dtype not in (h.dtype, torch.float32):
-            raise ValueError(
-                f"{op}: {name} must have h's dtype ({h.dtype}) or torch.float32, got {t.dtype}"
-            )
-        if t.device != h.device:
-            raise ValueError(f"{op}: {name} must be on h's device ({h.device}), got {t.device}")
+        _check_parameter(op, name, t, h)
 
 
 def _edit(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -107,15 +118,7 @@ def _check_multi_inputs(
 ) -> None:
     """Raise TypeError/ValueError naming the argument when the inputs do not fit."""
     op = "lowrank_edit_multi"
-    for name, t in {"h": h, "P": P, "Q": Q, "b": b, "adapter": adapter}.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise ValueError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
-    if h.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{op}: h must be {SUPPORTED_NAMES}, got {h.dtype}")
-    if h.dim() < 1:
-        raise ValueError(f"{op}: h must have shape (..., d), got a 0-d tensor")
+    _check_tensors(op, h, {"h": h, "P": P, "Q": Q, "b": b, "adapter": adapter})
     d = h.shape[-1]
     if P.dim() != 3 or P.shape[1] < 1 or P.shape[2] != d:
         raise ValueError(
@@ -129,13 +132,9 @@ def _check_multi_inputs(
                 f"{op}: {name} must have shape {expected} (P's A, r), got {tuple(t.shape)}"
             )
     for name, t in {"P": P, "Q": Q, "b": b}.items():
-        if t.dtype not in (h.dtype, torch.float32):
-            raise ValueError(
-                f"{op}: {name} must have h's dtype ({h.dtype}) or torch.float32, got {t.dtype}"
-            )
-    for name, t in {"P": P, "Q": Q, "b": b, "adapter": adapter}.items():
-        if t.device != h.device:
-            raise ValueError(f"{op}: {name} must be on h's device ({h.device}), got {t.device}")
+        _check_parameter(op, name, t, h)
+    if adapter.device != h.device:
+        raise ValueError(f"{op}: adapter must be on h's device ({h.device}), got {adapter.device}")
     if adapter.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{op}: adapter must be torch.int32 or torch.int64, got {adapter.dtype}")
     if tuple(adapter.shape) != tuple(h.shape[:-1]):
