@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
+from seeds import mean_and_seeds, plot_seed_band
 
 import reft_ext
 
@@ -119,9 +120,9 @@ def summary_table(runs: list[dict]) -> str:
         acc = [r["test_accuracy"] for r in mine]
         rows.append([
             variant,
-            f"{statistics.fmean(last):.3f} ({', '.join(f'{x:.2f}' for x in last)})",
-            f"{statistics.fmean(test):.3f} ({', '.join(f'{x:.2f}' for x in test)})",
-            f"{statistics.fmean(acc):.3f} ({', '.join(f'{x:.2f}' for x in acc)})",
+            mean_and_seeds(last),
+            mean_and_seeds(test),
+            mean_and_seeds(acc),
             f"{max(r['orth_error'] for r in mine):.1e}",
         ])  # fmt: skip
     header = ["variant", "train loss, last 5 steps: mean (per seed)", "held-out loss",
@@ -138,11 +139,7 @@ def plot(runs: list[dict], path: Path) -> bool:
         return False
     ax = fig.subplots()
     for variant in VARIANTS:
-        curves = [r["losses"] for r in runs if r["variant"] == variant]
-        steps = range(1, len(curves[0]) + 1)
-        by_step = list(zip(*curves, strict=True))
-        ax.plot(steps, [statistics.fmean(s) for s in by_step], label=variant)
-        ax.fill_between(steps, [min(s) for s in by_step], [max(s) for s in by_step], alpha=0.2)
+        plot_seed_band(ax, variant, [r["losses"] for r in runs if r["variant"] == variant])
     ax.set(xlabel="step", ylabel="answer-token loss", title="tiny Llama answer task: loss per step")
     ax.legend()
     fig.savefig(path, dpi=110)

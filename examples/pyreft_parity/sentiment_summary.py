@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sentiment"))
 
 from report import moving_average  # noqa: E402
+from seeds import mean_and_seeds, plot_seed_band  # noqa: E402
 
 from reft_ext.bench.plot import agg_figure  # noqa: E402
 from reft_ext.bench.table import markdown_table  # noqa: E402
@@ -52,8 +53,8 @@ def table(by_method: dict[str, list[dict]]) -> str:
         tail = [statistics.fmean(r["losses"][-20:]) for r in runs]
         rows.append([
             method,
-            f"{statistics.fmean(accuracy):.3f} ({', '.join(f'{a:.3f}' for a in accuracy)})",
-            f"{statistics.fmean(tail):.3f} ({', '.join(f'{t:.3f}' for t in tail)})",
+            mean_and_seeds(accuracy, digits=3),
+            mean_and_seeds(tail, digits=3),
         ])  # fmt: skip
     header = ["method", "test accuracy: mean (per seed)", "train loss, last 20 steps: mean"]
     return markdown_table(header, rows)
@@ -65,11 +66,7 @@ def plot(by_method: dict[str, list[dict]], path: Path) -> bool:
         return False
     ax = fig.subplots()
     for method, runs in by_method.items():
-        curves = [moving_average(r["losses"], 10) for r in runs]
-        by_step = list(zip(*curves, strict=True))
-        steps = range(1, len(by_step) + 1)
-        ax.plot(steps, [statistics.fmean(s) for s in by_step], label=method)
-        ax.fill_between(steps, [min(s) for s in by_step], [max(s) for s in by_step], alpha=0.2)
+        plot_seed_band(ax, method, [moving_average(r["losses"], 10) for r in runs])
     ax.set(xlabel="step", ylabel="training loss (moving average of 10)",
            title="SmolLM2-135M sentiment: LoReFT variants")  # fmt: skip
     ax.legend()
