@@ -6,6 +6,7 @@ compute in the pytest process, so both sides train exactly the same thing.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -118,3 +119,16 @@ def max_rel_state(got: dict, want: dict) -> float:
     """The largest relative difference, tensor by tensor, of two state dicts with the same keys."""
     assert got.keys() == want.keys()
     return max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in want)
+
+
+def join_group() -> tuple[str, Path, int, int]:
+    """A rank started by launch.py: (mode, output folder) from its command line, (rank, world
+    size) from its environment, and the gloo group joined through REFT_TEST_INIT."""
+    import torch.distributed as dist
+
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(
+        "gloo", init_method=os.environ["REFT_TEST_INIT"], rank=rank, world_size=world
+    )
+    return mode, out, rank, world

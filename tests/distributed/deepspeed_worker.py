@@ -15,7 +15,6 @@ Modes:
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -88,11 +87,7 @@ def run(out: Path, world: int, stage: int, callback: bool, persistence_threshold
 
 
 def main():
-    mode, out = sys.argv[1], Path(sys.argv[2])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group(
-        "gloo", init_method=os.environ["REFT_TEST_INIT"], rank=rank, world_size=world
-    )
+    mode, out, rank, world = common.join_group()
     if mode == "zero2":
         state, result = run(out, world, 2, callback=True)
     elif mode == "zero3":

@@ -9,7 +9,6 @@ Modes: ddp, fsdp2, fsdp2-bf16, trainer, trainer-resume, accelerate, fail.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -96,11 +95,7 @@ def run_accelerate(out, rank, world):
 
 
 def main():
-    mode, out = sys.argv[1], Path(sys.argv[2])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group(
-        "gloo", init_method=os.environ["REFT_TEST_INIT"], rank=rank, world_size=world
-    )
+    mode, out, rank, world = common.join_group()
     if mode == "ddp":
         reft_model, result = run_ddp(out, rank, world)
     elif mode in ("fsdp2", "fsdp2-bf16"):
