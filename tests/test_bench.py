@@ -120,7 +120,13 @@ def test_cli_writes_memory_fields_table_and_plot(tmp_path, _restore_threads):
         assert 0 < m.q1 <= m.value <= m.q3
     assert providers == {
         "op-forward-N256-d2048-r4-float32": ["fused", "naive", "copy"],
-        "retraction-k1-d2048-r8": ["fused", "keep_orthonormal", "torch_qr", "parametrization"],
+        "retraction-k1-d2048-r8": [
+            "fused",
+            "keep_orthonormal",
+            "torch_qr",
+            "parametrization",
+            "householder",
+        ],
         "hook-B2-T512-P2-d2048-r4": ["none", "reft_ext", "clone"],
     }  # the train step was filtered out by --only
     peaks = {(m.case, m.provider): m.peak_bytes for m in measurements}
