@@ -14,45 +14,49 @@
 #include "../retraction.h"
 #include "../retraction_checks.h"
 #include "isa_dispatch.h"
+#include "retraction_passes.h"
 
 namespace reft_ext {
 namespace {
 
 // retraction::retract_matrix's team on the CPU: one thread does everything, the d-long passes
-// vectorized along rows.
+// vectorized (retraction_passes.h). gram_lanes: cpu::gram_lane_count(r) values of scratch.
+template <typename acc_t>
 struct SerialTeam {
+  acc_t* gram_lanes;
   REFT_HD bool leader() const { return true; }
   REFT_HD void sync() const {}
   REFT_HD bool share(bool value) const { return value; }
   REFT_HD int64_t first() const { return 0; }
   REFT_HD int64_t stride() const { return 1; }
-  template <typename acc_t>
-  REFT_HD acc_t max_abs(const acc_t* x, int64_t n) const {
-    return retraction::max_abs_strided(x, n, 0, 1);
-  }
-  template <typename acc_t>
+  REFT_HD acc_t max_abs(const acc_t* x, int64_t n) const { return cpu::max_abs(x, n); }
   REFT_HD void gram(const acc_t* R, acc_t* S, int64_t r, int64_t d) const {
-    retraction::gram_rows(R, S, r, d);
+    cpu::gram(R, S, r, d, gram_lanes);
   }
-  template <typename acc_t>
   REFT_HD void solve_lower(const acc_t* L, acc_t* R, int64_t r, int64_t d) const {
-    // Column chunks whose r rows stay in L1 while every row of the chunk is solved.
-    constexpr int64_t kChunk = 256;
-    for (int64_t c = 0; c < d; c += kChunk) {
-      retraction::solve_lower_columns<1>(L, R, r, d, c, c + kChunk < d ? c + kChunk : d);
-    }
+    cpu::solve_lower(L, R, r, d);
   }
-  template <typename acc_t>
   REFT_HD void apply_left(const acc_t* X, acc_t* R, acc_t* work, int64_t r, int64_t d) const {
     retraction::apply_left_columns<1>(X, R, work, r, d, 0);
     for (int64_t e = 0; e < r * d; ++e) R[e] = work[e];
+  }
+  REFT_HD bool cholesky(acc_t* S, int64_t r, acc_t min_ratio) const {
+    return retraction::cholesky_lower(S, r, min_ratio);
+  }
+  REFT_HD void multiply_into(acc_t* T, const acc_t* F, acc_t* tmp, int64_t r) const {
+    retraction::multiply_into(T, F, tmp, r);
+  }
+  REFT_HD bool polar(acc_t* X, acc_t* work, int64_t r) const {
+    return retraction::polar_small(X, work, r);
   }
 };
 
 template <typename acc_t>
 REFT_ROW_INLINE bool retract_serial(acc_t* R, int64_t r, int64_t d, retraction::Method method,
-                                    acc_t* work, acc_t* small, bool keep_non_finite) {
-  return retraction::retract_matrix(SerialTeam{}, R, r, d, method, work, small, keep_non_finite);
+                                    acc_t* work, acc_t* small, acc_t* gram_lanes,
+                                    bool keep_non_finite) {
+  return retraction::retract_matrix(SerialTeam<acc_t>{gram_lanes}, R, r, d, method, work, small,
+                                    keep_non_finite);
 }
 
 // One r×d matrix of a call: a batch entry of one tensor, or of one tensor of a list.
@@ -87,6 +91,7 @@ int64_t retract_matrices(const std::vector<Matrix<scalar_t>>& matrices, retracti
   const auto count = static_cast<int64_t>(matrices.size());
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> work(largest), small(retraction::small_scratch_size(largest_r));
+    std::vector<acc_t> gram_lanes(cpu::gram_lane_count(largest_r));
     std::vector<acc_t> converted(kConvert ? largest : 0);
     for (int64_t i = begin; i < end; ++i) {
       const Matrix<scalar_t>& m = matrices[i];
@@ -98,8 +103,8 @@ int64_t retract_matrices(const std::vector<Matrix<scalar_t>>& matrices, retracti
       } else {
         values = m.data;
       }
-      const bool finite =
-          retract_one(values, m.r, m.d, method, work.data(), small.data(), check_finite);
+      const bool finite = retract_one(values, m.r, m.d, method, work.data(), small.data(),
+                                      gram_lanes.data(), check_finite);
       if (!finite) non_finite.fetch_add(1, std::memory_order_relaxed);
       if constexpr (kConvert) {
         if (finite || !check_finite) {
