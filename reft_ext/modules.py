@@ -32,7 +32,30 @@ from .functional import direft, loreft, lowrank_edit
 from .householder import householder_orthogonal
 from .retraction import StiefelParameter
 
-_ORTHOGONALITY = ("retraction", "parametrization", "householder", None)
+#: How R is kept orthonormal (``orthogonality=``); None: R is left free.
+ORTHOGONALITY = ("retraction", "parametrization", "householder", None)
+
+
+def orthonormal_parameter(R: torch.Tensor, orthogonality: str | None) -> nn.Parameter:
+    """R as the parameter ``orthogonality`` trains: a :class:`StiefelParameter` (retracted after
+    each optimizer step) for ``"retraction"``, else a plain parameter (None: left free; the two
+    parametrizations are registered on the module afterwards by :func:`parametrize_orthonormal`).
+    """
+    return StiefelParameter(R) if orthogonality == "retraction" else nn.Parameter(R)
+
+
+def parametrize_orthonormal(module: nn.Module, name: str, orthogonality: str | None) -> None:
+    """Register ``orthogonality``'s parametrization of ``module.<name>`` (r, d), if it has one:
+    torch's orthogonal parametrization (pyreft's, O(d²·r) per read) or its O(d·r²) form
+    (:mod:`reft_ext.householder`)."""
+    if orthogonality == "parametrization":
+        # torch draws the base's other columns at random: from a forked RNG, so that the next
+        # module's initial weights do not depend on this choice.
+        device = getattr(module, name).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            nn.utils.parametrizations.orthogonal(module, name)
+    elif orthogonality == "householder":
+        householder_orthogonal(module, name)
 
 
 class _Intervention(nn.Module):
@@ -70,26 +93,20 @@ class _Intervention(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
-        if orthogonality not in _ORTHOGONALITY:
+        if orthogonality not in ORTHOGONALITY:
             raise ValueError(
-                f"{name}: orthogonality must be one of {_ORTHOGONALITY}, got {orthogonality!r}"
+                f"{name}: orthogonality must be one of {ORTHOGONALITY}, got {orthogonality!r}"
             )
         self.embed_dim, self.rank, self.dropout = embed_dim, rank, dropout
         self.orthogonality = orthogonality
         factory = {"dtype": dtype or torch.float32, "device": device}
         R = torch.empty(rank, embed_dim, **factory)
-        self.R = StiefelParameter(R) if orthogonality == "retraction" else nn.Parameter(R)
+        self.R = orthonormal_parameter(R, orthogonality)
         if self.has_source_weight:
             self.W = nn.Parameter(torch.empty(rank, embed_dim, **factory))
         self.b = nn.Parameter(torch.empty(rank, **factory))
         self.reset_parameters()
-        if orthogonality == "parametrization":
-            # torch draws the base's other columns at random: from a forked RNG, so that the
-            # next module's initial weights do not depend on this choice.
-            with torch.random.fork_rng(devices=[R.device] if R.is_cuda else []):
-                nn.utils.parametrizations.orthogonal(self, "R")
-        elif orthogonality == "householder":
-            householder_orthogonal(self, "R")
+        parametrize_orthonormal(self, "R", orthogonality)
 
     def reset_parameters(self) -> None:
         """R: random orthonormal rows; W, b: as pyreft's ``nn.Linear(embed_dim, rank)`` source."""

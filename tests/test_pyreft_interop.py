@@ -24,6 +24,7 @@ from reft_ext.integrations.pyreft import (  # noqa: E402
 )
 from reft_ext.integrations.pyreft_interventions import DROP_INS  # noqa: E402
 from reft_ext.modules import INTERVENTIONS  # noqa: E402
+from reft_ext.retraction import is_stiefel  # noqa: E402
 
 EMBED, RANK = 64, 4
 
@@ -570,3 +571,70 @@ def test_bench_pyreft_step_providers_train_pyrefts_class_and_ours():
         assert all(
             not torch.equal(b.reshape(a.shape), a) for b, a in zip(before, after, strict=True)
         )
+
+
+def _give_pyrefts_base(theirs, ours) -> None:
+    """Set pyreft's d×d ``base`` (its columns beyond r are random) to our parametrization's base,
+    expanded to d×d, so that both compute the same function of the trained X."""
+    p = ours.parametrizations.R[0]
+    if hasattr(p, "reflectors"):  # "householder": the base as r reflectors and their signs
+        identity = torch.eye(EMBED, dtype=p.reflectors.dtype)
+        flipped = torch.cat([identity[:RANK] * p.signs.unsqueeze(-1), identity[RANK:]])
+        base = torch.ormqr(p.reflectors, p.tau, flipped)
+    else:  # "parametrization": torch's own d×d base
+        base = p.base
+    with torch.no_grad():
+        theirs.rotate_layer.parametrizations.weight[0].base.copy_(base)
+
+
+@pytest.mark.parametrize("orthogonality", ["householder", "parametrization"])
+def test_parametrized_drop_in_trains_as_pyrefts_class(orthogonality):
+    """With orthogonality="householder" (or torch's "parametrization"), the drop-in trains
+    pyreft's parameter X through pyreft's function R(X): from the same state and base, Adam steps
+    on the same loss keep both modules' outputs equal (float32 rounding), and R orthonormal with
+    no retraction."""
+    torch.manual_seed(0)
+    theirs = _pyreft_intervention("LoreftIntervention")
+    ours = DROP_INS["LoreftIntervention"](**_kw(), orthogonality=orthogonality)
+    ours.load_state_dict(theirs.state_dict())  # pyreft's R; our parametrization restarts there
+    assert ours.orthogonality == orthogonality and not is_stiefel(ours.parametrizations.R.original)
+    _give_pyrefts_base(theirs, ours)
+    R0 = ours.R.detach().clone()
+    h = torch.randn(16, EMBED)
+    target = torch.randn(16, EMBED)
+    assert max_rel(ours(h), theirs(h)) <= 1e-5
+    optimizers = [torch.optim.Adam(m.parameters(), lr=5e-2) for m in (theirs, ours)]
+    for _ in range(10):
+        for module, optimizer in zip((theirs, ours), optimizers, strict=True):
+            optimizer.zero_grad()
+            ((module(h) - target) ** 2).mean().backward()
+            optimizer.step()
+    assert max_rel(ours.R.T.detach(), theirs.rotate_layer.weight.detach()) <= 1e-4
+    assert max_rel(ours(h), theirs(h)) <= 1e-4
+    assert orth_error(ours.R) <= 1e-5
+    assert max_rel(ours.R.detach(), R0) > 1e-2  # R did move
+
+
+def test_apply_orthogonality_sets_the_drop_ins_default_until_remove():
+    """apply(orthogonality=...) is how pyreft's own code (which never passes the keyword) gets a
+    parametrized drop-in; remove() restores the default; bad values and a keyword on a class
+    without R are errors naming them."""
+    from reft_ext.integrations.pyreft import apply
+
+    with apply(orthogonality="householder"):
+        module = pyreft.LoreftIntervention(**_kw())
+        free = pyreft.NoreftIntervention(**_kw())  # no R: the default does not apply to it
+    assert module.orthogonality == "householder" and hasattr(module, "parametrizations")
+    assert free.orthogonality is None
+    assert DROP_INS["LoreftIntervention"](**_kw()).orthogonality == "retraction"
+    state = module.state_dict()  # pyreft's form: R's value, no parametrization tensors
+    assert "rotate_layer" in state and not any("parametrizations" in k for k in state)
+    plain = DROP_INS["LoreftIntervention"](**_kw())
+    plain.load_state_dict(state)
+    assert torch.equal(plain.R, module.R.detach())
+    with pytest.raises(ValueError, match=r"apply: orthogonality must be one of .* got 'qr'"):
+        apply(orthogonality="qr")
+    with pytest.raises(ValueError, match=r"orthogonality must be one of .* got None"):
+        DROP_INS["DireftIntervention"](**_kw(), orthogonality=None)
+    with pytest.raises(ValueError, match="NoreftIntervention: orthogonality does not apply"):
+        DROP_INS["NoreftIntervention"](**_kw(), orthogonality="householder")

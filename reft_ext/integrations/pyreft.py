@@ -373,8 +373,9 @@ class PyreftSwap:
     """What :func:`apply` replaced; :meth:`remove` puts pyreft's classes back. Also a context
     manager (the swap lasts for the ``with`` block)."""
 
-    def __init__(self, replaced: list[tuple[ModuleType, str, type, type]]):
+    def __init__(self, replaced: list[tuple[ModuleType, str, type, type]], restore: dict):
         self._replaced = replaced
+        self._restore = restore  # the drop-ins' defaults before the swap
 
     @property
     def replaced(self) -> list[str]:
@@ -388,6 +389,11 @@ class PyreftSwap:
             if vars(module).get(name) is ours:
                 setattr(module, name, original)
         self._replaced = []
+        if self._restore:
+            from .pyreft_interventions import DEFAULTS
+
+            DEFAULTS.update(self._restore)
+            self._restore = {}
 
     def __enter__(self) -> PyreftSwap:
         return self
@@ -396,7 +402,7 @@ class PyreftSwap:
         self.remove()
 
 
-def apply() -> PyreftSwap:
+def apply(orthogonality: str = "retraction") -> PyreftSwap:
     """Make pyreft's intervention classes reft_ext's drop-ins, reversibly (one line).
 
     Every loaded module that holds one of pyreft's six classes (``pyreft.LoreftIntervention``,
@@ -405,6 +411,14 @@ def apply() -> PyreftSwap:
     code and examples run unchanged on the fused kernels, and pyvene's ``ReftModel.load`` of a
     checkpoint saved by pyreft's classes builds ours (which read pyreft's state dicts). Nothing
     else is patched.
+
+    Args:
+        orthogonality: how the drop-ins built during the swap keep R orthonormal when their
+            constructor is not told (pyreft's code never is): ``"retraction"`` (default; R
+            retracted after each optimizer step), ``"householder"`` (pyreft's parametrization as
+            the same function of the same trained parameter, in O(d·r²): pyreft's training
+            dynamics) or ``"parametrization"`` (torch's, exactly pyreft's cost). Restored by
+            ``remove()``.
 
     Returns:
         A :class:`PyreftSwap`: ``remove()`` restores pyreft's classes; ``with apply(): ...``
@@ -420,7 +434,9 @@ def apply() -> PyreftSwap:
             "reft_ext.integrations.pyreft.apply() swaps pyreft's classes: install pyreft (see "
             "the README)"
         ) from error
-    from .pyreft_interventions import DROP_INS
+    from .pyreft_interventions import DEFAULTS, DROP_INS, check_orthogonality
+
+    check_orthogonality("apply", orthogonality)
 
     # Keyed by identity: the values scanned below may be unhashable.
     swaps = {
@@ -439,7 +455,9 @@ def apply() -> PyreftSwap:
                 original, ours = swaps[id(value)]
                 setattr(module, name, ours)
                 replaced.append((module, name, original, ours))
-    return PyreftSwap(replaced)
+    restore = {"orthogonality": DEFAULTS["orthogonality"]}
+    DEFAULTS["orthogonality"] = orthogonality
+    return PyreftSwap(replaced, restore)
 
 
 def __getattr__(name: str):

@@ -20,9 +20,22 @@ parametrization (a d×d buffer per intervention), R here is a plain (rank, embed
 that the automatic retraction (:mod:`reft_ext.retraction`) maps back onto orthonormal rows after
 each step of the optimizer that trains it, pyreft's trainers' included.
 
+How R stays orthonormal is the keyword ``orthogonality`` (reft_ext's own; the default is the one
+:func:`reft_ext.integrations.pyreft.apply` sets, else ``"retraction"``):
+
+- ``"retraction"``: R is a plain parameter, mapped back onto orthonormal rows after each step of
+  the optimizer that trains it (above);
+- ``"householder"``: pyreft's own function of its trained parameter, R = (base · HH(X))ᵀ, in
+  O(d·r²) per read (:mod:`reft_ext.householder`: the base kept as r reflectors, not d×d), so
+  pyreft's training dynamics carry over (Adam sees the same parameter X);
+- ``"parametrization"``: torch's orthogonal parametrization itself, exactly pyreft's (O(d²·r)
+  per read and a d×d buffer; for comparison).
+
 State dicts have pyreft's keys, except that the rotation is stored as pyreft's LoReFT stores it,
-``rotate_layer`` (embed_dim, rank) = Rᵀ, instead of the parametrization's ``original`` and d×d
-``base``; ``load_state_dict`` reads both forms, so a pyreft module's state loads into ours. The
+``rotate_layer`` (embed_dim, rank) = Rᵀ (the evaluated R, whatever ``orthogonality``; loading it
+into a parametrized R restarts the parametrization there, as pyreft's own load does), instead of
+the parametrization's ``original`` and d×d ``base``; ``load_state_dict`` reads both forms, so a
+pyreft module's state loads into ours. The
 renaming is done by torch's state-dict hooks, so a drop-in nested in another module saves and
 loads (strictly) under its prefix.
 
@@ -55,7 +68,7 @@ except ImportError as error:
 
 from ..dtypes import accumulation_dtype
 from ..functional import lowrank_edit
-from ..retraction import StiefelParameter
+from ..modules import ORTHOGONALITY, orthonormal_parameter, parametrize_orthonormal
 from .pyreft import rotation_from_state
 
 #: Keywords pyvene passes when it builds an intervention itself (its ``IntervenableModel`` and
@@ -65,6 +78,20 @@ _PYVENE_KEYWORDS = frozenset(RepresentationConfig._fields) | {"embed_dim", "use_
 _PYREFT_KEYWORDS = frozenset({"dtype", "dropout", "act_fn", "add_bias", "device"})
 #: What a keyword a class does not read may be without meaning anything.
 _NEUTRAL = {"dropout": (0.0, 0), "act_fn": (None, "linear"), "add_bias": (False,)}
+#: The drop-ins' choices of ``orthogonality`` (a free R would not be pyreft's class).
+DROP_IN_ORTHOGONALITY = tuple(o for o in ORTHOGONALITY if o is not None)
+#: ``orthogonality`` where the keyword is not given: set (and restored) by
+#: :func:`reft_ext.integrations.pyreft.apply`.
+DEFAULTS = {"orthogonality": "retraction"}
+
+
+def check_orthogonality(owner: str, orthogonality) -> str:
+    """``orthogonality`` itself, or a ValueError naming ``owner`` and the choices."""
+    if orthogonality not in DROP_IN_ORTHOGONALITY:
+        raise ValueError(
+            f"{owner}: orthogonality must be one of {DROP_IN_ORTHOGONALITY}, got {orthogonality!r}"
+        )
+    return orthogonality
 
 
 def _activation(act_fn) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -103,12 +130,19 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
 
     def __init__(self, **kwargs):
         name = type(self).__name__
-        unknown = sorted(set(kwargs) - _PYVENE_KEYWORDS - _PYREFT_KEYWORDS)
+        unknown = sorted(set(kwargs) - _PYVENE_KEYWORDS - _PYREFT_KEYWORDS - {"orthogonality"})
         if unknown:
             raise TypeError(
                 f"{name}: unknown keyword(s) {unknown}; it takes "
-                f"{sorted(_PYVENE_KEYWORDS | _PYREFT_KEYWORDS)}"
+                f"{sorted(_PYVENE_KEYWORDS | _PYREFT_KEYWORDS | {'orthogonality'})}"
             )
+        if "orthogonality" in kwargs and not self.orthonormal:
+            raise ValueError(
+                f"{name}: orthogonality does not apply: its projection (proj_layer) is free, as "
+                f"in pyreft; got orthogonality={kwargs['orthogonality']!r}"
+            )
+        # reft_ext's keyword, not pyvene's: kept out of the config pyvene saves.
+        orthogonality = kwargs.pop("orthogonality", DEFAULTS["orthogonality"])
         for keyword, neutral in _NEUTRAL.items():
             if keyword in kwargs and keyword not in self.reads and kwargs[keyword] not in neutral:
                 warnings.warn(
@@ -128,9 +162,12 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
             )
         dtype = kwargs.get("dtype") or torch.bfloat16
         device = kwargs.get("device")
+        self.orthogonality = check_orthogonality(name, orthogonality) if self.orthonormal else None
         if self.orthonormal:
             q = torch.linalg.qr(torch.randn(embed_dim, rank, dtype=torch.float64))[0]
-            self.R = StiefelParameter(q.T.to(device=device, dtype=torch.float32).contiguous())
+            R = q.T.to(device=device, dtype=torch.float32).contiguous()
+            self.R = orthonormal_parameter(R, self.orthogonality)
+            parametrize_orthonormal(self, "R", self.orthogonality)
         if self.projection:
             bias = bool(kwargs.get("add_bias", False))
             self.proj_layer = nn.Linear(embed_dim, rank, bias=bias, device=device, dtype=dtype)
@@ -191,7 +228,11 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
     def _to_pyreft_form(self, state_dict, prefix, local_metadata) -> None:
         """State-dict post-hook: R as ``rotate_layer`` (embed_dim, rank), pyreft's names."""
         if self.orthonormal:
-            state_dict[prefix + "rotate_layer"] = state_dict.pop(prefix + "R").T
+            # A parametrized R saves as its value (pyreft's own save does the same).
+            for key in [k for k in state_dict if k.startswith(prefix + "parametrizations.R.")]:
+                del state_dict[key]
+            R = state_dict.pop(prefix + "R", None)
+            state_dict[prefix + "rotate_layer"] = (self.R.detach() if R is None else R).T
         for ours, theirs in self.renamed.items():
             value = state_dict.pop(prefix + ours)
             if theirs is not None:
@@ -205,9 +246,16 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
             if keys:
                 local = {k[len(prefix) :]: state_dict.pop(k) for k in keys}
                 try:
-                    state_dict[prefix + "R"] = rotation_from_state(local)
+                    R = rotation_from_state(local)
                 except KeyError as error:
                     raise KeyError(f"{type(self).__name__}: the rotation {error.args[0]}") from None
+                if self.orthogonality == "retraction":
+                    state_dict[prefix + "R"] = R
+                else:  # the parametrization restarts at R: its base becomes R, X = −I
+                    with torch.no_grad():
+                        self.R = R.to(self.parametrizations.R.original)
+                    for key, value in self.parametrizations.R.state_dict().items():
+                        state_dict[prefix + "parametrizations.R." + key] = value
         for ours, theirs in self.renamed.items():
             if theirs is None:  # not in pyreft's form: this module's own value
                 state_dict.setdefault(prefix + ours, getattr(self, ours))
