@@ -12,7 +12,8 @@
 // orthonormal rows, with polar(T) from Newton's iteration X ← (X + X⁻ᵀ)/2 on the r×r factor.
 //
 // The routines are single-threaded on one matrix, except those taking (begin, Step) column ranges,
-// which a CUDA block splits over its threads; retract_matrix is the control flow of both back-ends.
+// which a CUDA block splits over its threads (the CUDA block runs its own parallel forms of the
+// r×r ones: cuda/retraction_parallel.cuh); retract_matrix is the control flow of both back-ends.
 // All arithmetic is in acc_t (float or double).
 #pragma once
 
@@ -354,15 +355,18 @@ REFT_HD int64_t small_scratch_size(int64_t r) { return 4 * r * r; }
 
 // Retracts one r×d matrix in place, with the method's fallbacks described above: the one control
 // flow of both back-ends. `team` says who does what:
-//   - team.leader(): true on the one thread that runs the r×r factorizations (and the Householder
-//     fallback); team.sync(): a barrier of the team; team.share(v): the leader's v, on every
-//     thread;
+//   - team.leader(): true on the one thread that runs the Householder fallback (and sets T up);
+//     team.sync(): a barrier of the team;
 //   - team.first(), team.stride(): this thread's share of elementwise passes (e = first, first +
 //     stride, ...);
 //   - team.max_abs(R, n), team.gram(R, S, r, d), team.solve_lower(L, R, r, d) (R ← L⁻¹ R) and
 //     team.apply_left(X, R, work, r, d) (R ← X R through work): the d-long passes, each thread on
-//     its share, the result (max_abs's value, S) seen by every thread after the next sync.
-// The CPU's team is one thread (retraction_cpu.cpp), CUDA's a block (retraction_cuda.cu).
+//     its share, the result (max_abs's value, S) seen by every thread after the next sync;
+//   - team.cholesky(S, r, min_ratio) (cholesky_lower), team.multiply_into(T, F, tmp, r) and
+//     team.polar(X, work, r) (polar_small): the r×r factorizations, run by the whole team, their
+//     result seen by every thread on return and their bool the same on every thread.
+// The CPU's team is one thread running the serial routines above (retraction_cpu.cpp), CUDA's a
+// block running their parallel forms (retraction_cuda.cu, cuda/retraction_parallel.cuh).
 //
 // Returns false when R holds NaN or Inf (found by the max-abs pass that starts the retraction, so
 // at no extra cost): R is then left as it was when `keep_non_finite` (the op's check_finite: the
@@ -374,8 +378,7 @@ REFT_HD bool retract_matrix(const Team& team, acc_t* R, int64_t r, int64_t d, Me
   const SmallScratch<acc_t> scratch(small, r);
   acc_t *S = scratch.S, *T = scratch.T, *tmp = scratch.tmp;
   const bool polar = method == kPolar;
-  const bool leader = team.leader();
-  if (polar && leader) set_identity(T, r);
+  if (polar && team.leader()) set_identity(T, r);
   const acc_t max_abs = team.max_abs(R, r * d);
   if (!std::isfinite(max_abs)) {
     if (!keep_non_finite) {
@@ -390,24 +393,18 @@ REFT_HD bool retract_matrix(const Team& team, acc_t* R, int64_t r, int64_t d, Me
       team.sync();  // the scaled (or last pass's solved) R is complete
       team.gram(R, S, r, d);
       team.sync();
-      bool factored = false;
-      if (leader) {
-        factored = cholesky_lower(S, r, cholqr_min_pivot_ratio<acc_t>(passes));
-        if (factored && polar) multiply_into(T, S, tmp, r);  // R_in = T Q accumulates T ← T L
-      }
-      if (!team.share(factored)) break;
+      if (!team.cholesky(S, r, cholqr_min_pivot_ratio<acc_t>(passes))) break;
+      if (polar) team.multiply_into(T, S, tmp, r);  // R_in = T Q accumulates T ← T L
       team.solve_lower(S, R, r, d);
     }
   }
   team.sync();
   if (passes < 2) {
-    if (leader) {
-      householder_rows(R, S, work, r, d);
-      if (polar) multiply_into(T, S, tmp, r);
-    }
+    if (team.leader()) householder_rows(R, S, work, r, d);
     team.sync();
+    if (polar) team.multiply_into(T, S, tmp, r);
   }
-  if (polar && team.share(leader && polar_small(T, tmp, r))) team.apply_left(T, R, work, r, d);
+  if (polar && team.polar(T, tmp, r)) team.apply_left(T, R, work, r, d);
   return true;
 }
 

@@ -26,7 +26,6 @@ struct SerialTeam {
   acc_t* gram_lanes;
   REFT_HD bool leader() const { return true; }
   REFT_HD void sync() const {}
-  REFT_HD bool share(bool value) const { return value; }
   REFT_HD int64_t first() const { return 0; }
   REFT_HD int64_t stride() const { return 1; }
   REFT_HD acc_t max_abs(const acc_t* x, int64_t n) const { return cpu::max_abs(x, n); }

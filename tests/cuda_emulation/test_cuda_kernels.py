@@ -219,8 +219,12 @@ def test_multi_edit_bad_index_is_a_device_side_assert():
 # Retraction
 
 # (k, r, d): r = 5 gives 15 Gram pairs over 8 warps (warps run 2 or 1 shuffle sequences), r = 32
-# fills every warp, d = 1030 takes the d-long passes beyond one sweep of 256 threads.
-RETRACT_SHAPES = [(3, 1, 300), (2, 5, 5), (3, 5, 1030), (2, 32, 300)]
+# fills every warp, d = 1030 takes the d-long passes beyond one sweep of 256 threads. The block's
+# r×r factorizations (retraction_parallel.cuh): r = 1 has no trailing update and a one-row pivot
+# search; r = 33 leaves a partial sweep of 256 threads over its 1089 entries and puts row 32 on
+# lane 0's second turn of the pivot search; r = 64 gives every thread 16 entries and every lane two
+# rows.
+RETRACT_SHAPES = [(3, 1, 300), (2, 5, 5), (3, 5, 1030), (2, 32, 300), (2, 33, 300), (1, 64, 200)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 ORTH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 MATCH_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -265,11 +269,83 @@ def test_retract_householder_fallback(gpu, dtype, method):
     assert max_rel(R, polar_truth(ill) if method == "polar" else qr_truth(ill)) <= tol
 
 
+def _retract_bits():
+    torch.manual_seed(2)
+    batch = reft_ext.retract_(torch.randn(5, 5, 1030), "polar")
+    listed = reft_ext.retract_list_([torch.randn(s) for s in LIST_SHAPES], "polar")
+    return [batch, *listed]
+
+
 @pytest.mark.cuda_emulated
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_retract_bitwise_deterministic_across_schedules(schedule, monkeypatch):
-    R0 = torch.randn(5, 5, 1030)
-    first = reft_ext.retract_(R0.clone(), "polar")
+    """A batch and a list (one launch over tensors of several r and d, r = 33 and 64 among them):
+    the block-parallel factorizations sum in a fixed order whatever order the blocks and warps run
+    in."""
+    first = _retract_bits()
     for name, value in SCHEDULES[schedule].items():
         monkeypatch.setenv(name, value)
-    assert torch.equal(first, reft_ext.retract_(R0.clone(), "polar"))
+    for a, b in zip(first, _retract_bits(), strict=True):
+        assert torch.equal(a, b)
+
+
+# retract_list_'s one launch: single matrices and (k, r, d) batches of different r and d in one
+# table, r = 1, 33 and 64 included, d = 1030 beyond one sweep.
+LIST_SHAPES = [(3, 40), (2, 4, 33), (1, 1), (64, 70), (3, 33, 300), (5, 1030)]
+METHODS = ["cholqr2", "qr", "polar"]
+
+
+def _truth(R, method):
+    return polar_truth(R) if method == "polar" else qr_truth(R)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32", "bf16", "fp16"])
+def test_retract_list_matches_truth(gpu, dtype, method):
+    """Every matrix of every tensor retracted in place by the one launch (low precision: through
+    float32 copies written back), against the float64 truth, and equal to retract_ on each tensor
+    alone (the same kernel body, so the same bits)."""
+    Rs0 = [torch.randn(s, dtype=torch.float64).to(gpu, dtype) for s in LIST_SHAPES]
+    Rs = [R.clone() for R in Rs0]
+    pointers = [R.data_ptr() for R in Rs]
+    assert reft_ext.retract_list_(Rs, method) is Rs
+    assert [R.data_ptr() for R in Rs] == pointers  # in place
+    for R, R0 in zip(Rs, Rs0, strict=True):
+        assert orth_error(R) <= ORTH_TOL[dtype]
+        assert max_rel(R, _truth(R0, method)) <= MATCH_TOL[dtype]
+        assert torch.equal(R, reft_ext.retract_(R0.clone(), method))
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_retract_list_non_finite_matrix(dtype):
+    """NaN in one matrix of one tensor of the list: with check_finite the device-side assert
+    raises (on the emulated device at once), that matrix is left as it was and every other is
+    retracted; without it, that matrix alone comes back as NaN."""
+    Rs0 = [torch.randn(s, dtype=torch.float64).to(dtype) for s in LIST_SHAPES]
+    Rs0[4][1, 7, 20] = float("nan")
+    Rs = [R.clone() for R in Rs0]
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        reft_ext.retract_list_(Rs, "cholqr2")
+    assert torch.equal(Rs[4][1].nan_to_num(), Rs0[4][1].nan_to_num())
+    unchecked = reft_ext.retract_list_([R.clone() for R in Rs0], "cholqr2", check_finite=False)
+    assert torch.isnan(unchecked[4][1]).all()
+    for out in (Rs, unchecked):
+        for i, (R, R0) in enumerate(zip(out, Rs0, strict=True)):
+            good = [R[k] for k in (0, 2)] if i == 4 else [R]
+            truths = [R0[k] for k in (0, 2)] if i == 4 else [R0]
+            for got, want in zip(good, truths, strict=True):
+                assert max_rel(got, qr_truth(want)) <= MATCH_TOL[dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_retract_list_is_one_launch_on_a_gpu():
+    """retract_list_ launches retract_kernel once for the whole list (the emulator does not count
+    launches; the profiler does)."""
+    Rs = [torch.randn(s, device="cuda") for s in LIST_SHAPES]
+    reft_ext.retract_list_(Rs)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        reft_ext.retract_list_(Rs)
+        torch.cuda.synchronize()
+    launches = [e for e in profile.events() if "retract_kernel" in e.name]
+    assert len(launches) == 1, [e.name for e in launches]

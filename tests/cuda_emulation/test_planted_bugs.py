@@ -20,6 +20,7 @@ from .emu_build import REPO, build_library, sanitizer_env
 
 EDIT = "cuda/lowrank_edit_cuda.cu"
 RETRACT = "cuda/retraction_cuda.cu"
+PARALLEL = "cuda/retraction_parallel.cuh"
 WARP = "cuda/warp_reduce.cuh"
 
 # name: (file, original text, planted text, variant, how it must be reported)
@@ -89,12 +90,26 @@ MUTATIONS = {
         "asan",
         ("forward-misaligned", "sanitizer", "misaligned address"),
     ),
-    "unsynchronized-shared-write": (
-        RETRACT,
-        "    if (leader()) *flag = value;\n    __syncthreads();\n",
-        "    if (leader()) *flag = value;\n",
+    "unsynchronized-cholesky-column": (
+        PARALLEL,
+        "S[i * r + j] /= diagonal;\n    __syncthreads();\n",
+        "S[i * r + j] /= diagonal;\n",
         "tsan",
         ("retract", "sanitizer", "data race"),
+    ),
+    "gauss-jordan-keeps-the-unscaled-pivot-row": (
+        PARALLEL,
+        "      inv[p * r + j] = a;\n      inv[c * r + j] = b * scale;\n",
+        "      inv[c * r + j] = b * scale;\n      inv[p * r + j] = a;\n",
+        "default",
+        ("retract-polar", "wrong", None),
+    ),
+    "list-matrices-share-one-scratch": (
+        RETRACT,
+        "*rows++ = {address, r, d, *work_size, *small_size};",
+        "*rows++ = {address, r, d, *work_size, 0};",
+        "tsan",
+        ("retract-list", "sanitizer", "data race"),
     ),
 }
 
@@ -114,6 +129,9 @@ def edit_inputs(N, d, r, misaligned=False):
         h = h.float()
     P, Q = (torch.randn(r, d) / d**0.5 for _ in range(2))
     return h, P, Q, torch.randn(r)
+def qr_factor(R0):
+    Qt, T = torch.linalg.qr(R0.double().mT)
+    return (Qt * torch.sign(torch.diagonal(T, dim1=-2, dim2=-1)).unsqueeze(-2)).mT
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max()).item() if torch.isfinite(a).all() else float("inf")
@@ -134,13 +152,22 @@ try:
         gz = g64 @ Q64.T
         err = max(rel(gh, g64 + gz @ P64), rel(gP, gz.T @ h64), rel(gQ, z64.T @ g64),
                   rel(gb, gz.sum(0)))
+    elif case == "retract-polar":
+        R0 = torch.randn(2, 33, 300)
+        R = R0.clone()
+        emu.retract_(R, "polar")
+        U, _, Vh = torch.linalg.svd(R0.double(), full_matrices=False)
+        err = rel(R, U @ Vh)
+    elif case == "retract-list":
+        Rs0 = [torch.randn(s) for s in ((3, 5, 300), (8, 40), (2, 3, 64))]
+        Rs = [R.clone() for R in Rs0]
+        emu.retract_list_(Rs, "cholqr2")
+        err = max(rel(R, qr_factor(R0)) for R, R0 in zip(Rs, Rs0))
     else:
         R0 = torch.randn(3, 5, 300)
         R = R0.clone()
         emu.retract_(R, "cholqr2")
-        Qt, T = torch.linalg.qr(R0.double().mT)
-        Q = (Qt * torch.sign(torch.diagonal(T, dim1=-2, dim2=-1)).unsqueeze(-2)).mT
-        err = rel(R, Q)
+        err = rel(R, qr_factor(R0))
     print(json.dumps({"error": None, "rel": err}))
 except RuntimeError as e:
     print(json.dumps({"error": str(e), "rel": None}))

@@ -20,12 +20,15 @@ import pytest
 from .emu_build import REPO, build_library, sanitizer_env
 
 # One edit case per path (vectorized with tails, scalar, misaligned, bf16, several groups), the
-# multi-adapter edit's mixed tiles and per-adapter groups, and the
-# retraction's methods on the shape whose warps run unequal shuffle counts.
+# multi-adapter edit's mixed tiles and per-adapter groups, the retraction's methods on the shape
+# whose warps run unequal shuffle counts and on r = 33 (the block's r×r factorizations with
+# partial sweeps), the Householder fallback, and retract_list_'s one launch over a table of
+# matrices (cholqr2 and polar; blocks of different shapes run two at a time under TSan).
 SUBSET = (
     "emulated and ("
     "fp32-vec-row-tail-rank-tail-2-sweeps or fp32-misaligned-rows-scalar or bf16-vec-2-sweeps "
-    "or fp32-3-groups-partial-last or 3x5x1030-fp32 or fp32-cholqr2 "
+    "or fp32-3-groups-partial-last or 3x5x1030-fp32 or 2x33x300-fp32 or fp32-cholqr2 "
+    "or list_matches_truth and fp32-polar "
     "or fp32-vec-mixed-tiles or fp32-groups-per-adapter-and-empty"
     ")"
 )
