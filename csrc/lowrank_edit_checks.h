@@ -4,7 +4,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
+#include <iterator>
+#include <string>
+
+#include "activation.h"
 #include "dtypes.h"
 
 namespace reft_ext {
@@ -89,6 +94,44 @@ inline void check_multi_backward_args(const at::Tensor& grad_out, const at::Tens
   check_multi_factors(h, P, Q, adapter);
   check_grad_out(grad_out, h);
   check_param(z, "z", {h.size(0), P.size(1)}, h);
+}
+
+// Activated edit: Q (r, d) with r >= 1, P (rp, d) and b (rp,) with rp = r (z = act(u)) or 2r
+// (z = act(u) − s).
+inline void check_act_factors(const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q) {
+  check_rows(h, "h");
+  TORCH_CHECK(Q.dim() == 2 && Q.size(0) >= 1, "Q must be 2-D (r, d) with r >= 1, got ", Q.sizes());
+  check_param(Q, "Q", {Q.size(0), h.size(1)}, h);
+  TORCH_CHECK(P.dim() == 2 && (P.size(0) == Q.size(0) || P.size(0) == 2 * Q.size(0)),
+              "P must be 2-D (rp, d) with rp = r or 2r for Q's r = ", Q.size(0), ", got ",
+              P.sizes());
+  check_param(P, "P", {P.size(0), h.size(1)}, h);
+}
+
+inline void check_act_forward_args(const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
+                                   const at::Tensor& b) {
+  check_act_factors(h, P, Q);
+  check_param(b, "b", {P.size(0)}, h);
+}
+
+// grad_out like h; v (N, rp) and z (N, r) in the accumulation dtype.
+inline void check_act_backward_args(const at::Tensor& grad_out, const at::Tensor& h,
+                                    const at::Tensor& P, const at::Tensor& Q, const at::Tensor& v,
+                                    const at::Tensor& z) {
+  check_act_factors(h, P, Q);
+  check_grad_out(grad_out, h);
+  check_param(v, "v", {h.size(0), P.size(0)}, h);
+  check_param(z, "z", {h.size(0), Q.size(0)}, h);
+}
+
+// The activation called `name` (kActivationNames).
+inline Activation parse_activation(c10::string_view name) {
+  std::string names;
+  for (size_t i = 0; i < std::size(kActivationNames); ++i) {
+    if (name == kActivationNames[i]) return static_cast<Activation>(i);
+    names += (i ? ", " : "") + std::string(kActivationNames[i]);
+  }
+  TORCH_CHECK_VALUE(false, "activation must be one of ", names, "; got '", std::string(name), "'");
 }
 
 }  // namespace reft_ext

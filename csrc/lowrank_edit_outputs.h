@@ -1,7 +1,8 @@
-// The gradients of lowrank_edit_backward, shared by the CPU and CUDA implementations: each of
+// The gradients of the edits' backward ops, shared by the CPU and CUDA implementations: each of
 // (grad_h, grad_P, grad_Q, grad_b) is allocated only where output_mask asks for it, and one that is
-// not asked for comes back as an empty (0,) tensor whose work the kernels skip. P is (r, d) for the
-// single edit and (A, r, d) for the multi-adapter edit; grad_b is then (r,) or (A, r).
+// not asked for comes back as an empty (0,) tensor whose work the kernels skip. Each has its
+// input's shape: P is (r, d) for the single edit, (rp, d) for the activated one and (A, r, d) for
+// the multi-adapter edit; grad_b is (P's rows,) or (A, r).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,11 +16,12 @@ struct BackwardOutputs {
   std::array<bool, 4> mask;
   at::Tensor grad_h, grad_P, grad_Q, grad_b;
 
-  BackwardOutputs(const at::Tensor& h, const at::Tensor& P, std::array<bool, 4> output_mask)
+  BackwardOutputs(const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
+                  std::array<bool, 4> output_mask)
       : mask(output_mask),
         grad_h(allocate(h, mask[0], h.sizes())),
         grad_P(allocate(P, mask[1], P.sizes())),
-        grad_Q(allocate(P, mask[2], P.sizes())),
+        grad_Q(allocate(Q, mask[2], Q.sizes())),
         grad_b(allocate(P, mask[3], P.sizes().slice(0, P.dim() - 1))) {}  // (r,) or (A, r)
 
   bool want_h() const { return mask[0]; }

@@ -22,6 +22,18 @@ TORCH_LIBRARY(reft_ext, m) {
       "lowrank_edit_multi_backward(Tensor grad_out, Tensor h, Tensor P, Tensor Q, Tensor z, "
       "Tensor adapter, bool[4] output_mask) -> (Tensor grad_h, Tensor grad_P, Tensor grad_Q, "
       "Tensor grad_b)");
+  // Activated source: out = h + z Q with z = act(u) − s, where v = h Pᵀ + b = [u | s] for P (2r, d)
+  // and b (2r,), or v = u (nothing subtracted) for P (r, d) and b (r,); Q (r, d). activation:
+  // identity, relu, gelu, gelu_tanh, silu, sigmoid or tanh (csrc/activation.h). Returns v (N, rp)
+  // and z (N, r), saved for backward.
+  m.def(
+      "lowrank_edit_act_forward(Tensor h, Tensor P, Tensor Q, Tensor b, str activation) -> "
+      "(Tensor out, Tensor v, Tensor z)");
+  // Gradients of lowrank_edit_act_forward, masked as lowrank_edit_backward's.
+  m.def(
+      "lowrank_edit_act_backward(Tensor grad_out, Tensor h, Tensor P, Tensor Q, Tensor v, "
+      "Tensor z, str activation, bool[4] output_mask) -> (Tensor grad_h, Tensor grad_P, "
+      "Tensor grad_Q, Tensor grad_b)");
   // Orthonormalizes the rows of R (r, d) or of each R[i] (k, r, d) in place. method: "cholqr2",
   // "qr" or "polar" (csrc/retraction.h).
   m.def("retract_(Tensor(a!) R, str method, bool check_finite=False) -> ()");

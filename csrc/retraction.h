@@ -92,9 +92,8 @@ REFT_HD acc_t max_or_nan(acc_t a, acc_t b) {
   return (a > b || a != a) ? a : b;
 }
 
-// max |x[e]| over x[begin], x[begin + step], ... < n; NaN when one of them is NaN. Lane-wise
-// compare-selects, which the CPU compiler vectorizes (a scalar floating-point max reduction it
-// would not).
+// max |x[e]| over x[begin], x[begin + step], ... < n; NaN when one of them is NaN: each CUDA
+// thread's share of the retraction's first pass (the CPU's is cpu::max_abs, an integer maximum).
 template <typename acc_t>
 REFT_HD acc_t max_abs_strided(const acc_t* x, int64_t n, int64_t begin, int64_t step) {
   constexpr int kLanes = 16;
@@ -303,26 +302,6 @@ REFT_HD void apply_left_columns(const acc_t* X, const acc_t* R, acc_t* out, int6
     for (int64_t m = 0; m < r; ++m) {
       const acc_t factor = X[i * r + m];
       for (int64_t j = begin; j < d; j += Step) out[i * d + j] += factor * R[m * d + j];
-    }
-  }
-}
-
-// S = R Rᵀ (r×r) of the r×d R, each entry a 32-lane dot product: four independent AVX2
-// accumulators hide the FMA latency on the CPU.
-template <typename acc_t>
-REFT_HD void gram_rows(const acc_t* R, acc_t* S, int64_t r, int64_t d) {
-  constexpr int kLanes = 32;
-  const int64_t full = d - d % kLanes;
-  for (int64_t i = 0; i < r; ++i) {
-    for (int64_t j = 0; j <= i; ++j) {
-      acc_t lanes[kLanes] = {};
-      for (int64_t c = 0; c < full; c += kLanes) {
-        dot_lanes<kLanes>(lanes, R + i * d + c, R + j * d + c);
-      }
-      acc_t value = sum_lanes<kLanes>(lanes);
-      for (int64_t c = full; c < d; ++c) value += R[i * d + c] * R[j * d + c];
-      S[i * r + j] = value;
-      S[j * r + i] = value;
     }
   }
 }

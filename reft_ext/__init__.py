@@ -3,6 +3,7 @@
 Public API:
     lowrank_edit(h, P, Q, b)  h + (h Pᵀ + b) Q        the primitive every variant uses
     lowrank_edit_multi(h, P, Q, b, adapter)         the same with a per-row adapter (A, r, d)
+    lowrank_edit_act(h, W, b, Q, act, S, c)  h + (act(h Wᵀ + b) − (h Sᵀ + c)) Q   activated source
     loreft(h, R, W, b)        h + (h Wᵀ + b − h Rᵀ) R  LoReFT
     direft(h, R, W, b)        h + (h Wᵀ + b) R         DiReFT
     retract_(R, method)       orthonormalize R's rows in place (cholqr2, qr, polar)
@@ -16,7 +17,7 @@ Public API:
 """
 
 from . import ops  # noqa: F401  (loads the compiled library and registers fake kernels)
-from .functional import direft, loreft, lowrank_edit, lowrank_edit_multi
+from .functional import direft, loreft, lowrank_edit, lowrank_edit_act, lowrank_edit_multi
 from .hf import ReftConfig, ReftModel, get_reft_model
 from .modules import ConsReFT, DiReFT, LoBiReFT, LoReFT, NoReFT
 from .ops import cuda_available
@@ -50,6 +51,7 @@ __all__ = [
     "get_reft_model",
     "loreft",
     "lowrank_edit",
+    "lowrank_edit_act",
     "lowrank_edit_multi",
     "project_tangent",
     "retract_",

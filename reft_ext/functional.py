@@ -174,3 +174,58 @@ def lowrank_edit_multi(
         rows, P, Q, b, adapter.reshape(-1).contiguous()
     )
     return out.view(h.shape)
+
+
+def lowrank_edit_act(
+    h: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    Q: torch.Tensor,
+    activation: str,
+    S: torch.Tensor | None = None,
+    c: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Edit with an activated source ``h + (act(h Wᵀ + b) − (h Sᵀ + c)) Q``, fused: one pass over
+    h computes the 2r projections per row (r without S), the activation and the edit; backward is
+    fused too. pyreft's ``act_fn`` on LoReFT (S = Q = R), NoReFT (S = Q = P, c its bias), DiReFT
+    and NodiReFT (no S).
+
+    Args:
+        h: hidden states (..., d); float64, float32, bfloat16 or float16.
+        W: (r, d) learned source weight; h's dtype or float32.
+        b: (r,) learned source bias; h's dtype or float32.
+        Q: (r, d) back-projection; h's dtype or float32.
+        activation: one of ``reft_ext.ops.ACTIVATIONS`` ("identity", "relu", "gelu" (erf),
+            "gelu_tanh", "silu", "sigmoid", "tanh"), torch's formulas.
+        S: optional (r, d) projection subtracted after the activation; h's dtype or float32.
+        c: optional (r,) bias of S (needs S); h's dtype or float32.
+
+    Returns:
+        Tensor of h's shape and dtype, differentiable in h, W, b, Q, S and c (first order).
+    """
+    factors = {"W": W, "Q": Q} if S is None else {"W": W, "Q": Q, "S": S}
+    _check_inputs("lowrank_edit_act", h, factors, b)
+    if c is not None:
+        if S is None:
+            raise ValueError("lowrank_edit_act: c (S's bias) needs S")
+        _check_tensors("lowrank_edit_act", h, {"c": c})
+        if tuple(c.shape) != tuple(b.shape):
+            raise ValueError(
+                f"lowrank_edit_act: c must have b's shape {tuple(b.shape)}, got {tuple(c.shape)}"
+            )
+        _check_parameter("lowrank_edit_act", "c", c, h)
+    if activation not in ops.ACTIVATIONS:
+        raise ValueError(
+            f"lowrank_edit_act: activation must be one of {ops.ACTIVATIONS}, got {activation!r}"
+        )
+    acc = accumulation_dtype(h.dtype)
+    if S is None:
+        P, bias = W.to(acc), b.to(acc)
+    else:  # one (2r, d) projection: the kernels read each strip of h once for all 2r dots
+        P = torch.cat([W.to(acc), S.to(acc)])
+        bias = torch.cat([b.to(acc), (torch.zeros_like(b) if c is None else c).to(acc)])
+    rows = h.reshape(h.shape[:-1].numel(), h.shape[-1]).contiguous()
+    out, _, _ = torch.ops.reft_ext.lowrank_edit_act_forward(
+        rows, P.contiguous(), Q.to(acc).contiguous(), bias.contiguous(), activation
+    )
+    return out.view(h.shape)

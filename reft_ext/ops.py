@@ -14,6 +14,11 @@ Raw ops (all tensors contiguous; acc = float64 for float64 rows, float32 otherwi
         -> (out (N, d), z (N, r) acc): row i edited by adapter[i]'s factors, -1 copied (z = 0).
         Differentiable in h, P, Q and b through lowrank_edit_multi_backward(grad_out, h, P, Q, z,
         adapter, output_mask) -> (grad_h, grad_P (A, r, d), grad_Q, grad_b (A, r)).
+    lowrank_edit_act_forward(h (N, d), P (rp, d) acc, Q (r, d) acc, b (rp,) acc, activation)
+        -> (out (N, d), v (N, rp) acc, z (N, r) acc): v = h Pᵀ + b = [u | s] (rp = 2r) or u
+        (rp = r), z = act(u) − s, out = h + z Q; activation one of ACTIVATIONS. Differentiable in
+        h, P, Q and b through lowrank_edit_act_backward(grad_out, h, P, Q, v, z, activation,
+        output_mask) -> (grad_h, grad_P (rp, d), grad_Q (r, d), grad_b (rp,)).
     retract_(R (r, d) or (k, r, d), method "cholqr2" | "qr" | "polar", check_finite=False)
         -> None, R in place. A matrix holding NaN or Inf is set to NaN, or with check_finite left
         as it was and reported: ValueError on CPU (after the batch), a device-side assert on CUDA
@@ -117,9 +122,10 @@ def _lowrank_edit_backward_fake(grad_out, h, P, Q, z, output_mask):
     return _masked_gradients(h, P, output_mask)
 
 
-def _masked_gradients(h, P, output_mask):
-    """Fake (grad_h, grad_P, grad_Q, grad_b) of a backward op: h's and P's shapes, b's is P's
-    without the last dimension, (0,) where output_mask does not ask for the gradient."""
+def _masked_gradients(h, P, output_mask, Q=None):
+    """Fake (grad_h, grad_P, grad_Q, grad_b) of a backward op: h's, P's and Q's (default: P's)
+    shapes, b's is P's without the last dimension, (0,) where output_mask does not ask for the
+    gradient."""
 
     def shaped(like, wanted, shape):
         return like.new_empty(shape if wanted else (0,))
@@ -128,7 +134,7 @@ def _masked_gradients(h, P, output_mask):
     return (
         shaped(h, want_h, h.shape),
         shaped(P, want_P, P.shape),
-        shaped(P, want_Q, P.shape),
+        shaped(P, want_Q, (P if Q is None else Q).shape),
         shaped(P, want_b, P.shape[:-1]),
     )
 
@@ -186,3 +192,52 @@ def _retract_fake(R, method, check_finite=False):
 @torch.library.register_fake("reft_ext::retract_list_")
 def _retract_list_fake(Rs, method, check_finite=False):
     return None
+
+
+# lowrank_edit_act_forward / lowrank_edit_act_backward ---------------------------------------------
+
+#: The activations of lowrank_edit_act, by the ops' names (csrc/activation.h, same order).
+ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+
+
+@torch.library.register_fake("reft_ext::lowrank_edit_act_forward")
+def _lowrank_edit_act_forward_fake(h, P, Q, b, activation):
+    _check_same_device("lowrank_edit_act_forward", h, P=P, Q=Q, b=b)
+    rows = h.shape[0]
+    return (
+        torch.empty_like(h),
+        h.new_empty((rows, P.shape[0]), dtype=P.dtype),
+        h.new_empty((rows, Q.shape[0]), dtype=P.dtype),
+    )
+
+
+def _lowrank_edit_act_setup_context(ctx, inputs, output):
+    h, P, Q, _, activation = inputs
+    _, v, z = output
+    ctx.activation = activation
+    ctx.save_for_backward(h, P, Q, v, z)  # N×(rp + r) beside the inputs: no N×d intermediate
+    ctx.mark_non_differentiable(v, z)
+
+
+def _lowrank_edit_act_backward(ctx, grad_out, _grad_v, _grad_z):
+    h, P, Q, v, z = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:4])
+    with torch.no_grad():
+        grads = torch.ops.reft_ext.lowrank_edit_act_backward(
+            grad_out.contiguous(), h, P, Q, v, z, ctx.activation, mask
+        )
+    grads = tuple(g if wanted else None for g, wanted in zip(grads, mask, strict=True))
+    return (*_first_order(grads, h, P, Q, grad_out), None)
+
+
+torch.library.register_autograd(
+    "reft_ext::lowrank_edit_act_forward",
+    _lowrank_edit_act_backward,
+    setup_context=_lowrank_edit_act_setup_context,
+)
+
+
+@torch.library.register_fake("reft_ext::lowrank_edit_act_backward")
+def _lowrank_edit_act_backward_fake(grad_out, h, P, Q, v, z, activation, output_mask):
+    _check_same_device("lowrank_edit_act_backward", h, grad_out=grad_out, P=P, Q=Q, v=v, z=z)
+    return _masked_gradients(h, P, output_mask, Q)

@@ -64,16 +64,22 @@ def _trainable_grads(module, h, out, g):
     return dict(zip(["h", *named], grads, strict=True))
 
 
+# act_fn -> the fused kernels' activation (None: the composite, for a name they do not compute).
+ACT_FNS = {"silu": "silu", "gelu_new": "gelu_tanh", "relu": "relu", "mish": None}
+
+
 @pytest.mark.parametrize(
     ("type_name", "act_fn"),
-    [(t, None) for t in TYPES] + [(t, "silu") for t in WITH_SOURCE],
+    [(t, None) for t in TYPES] + [(t, a) for t in WITH_SOURCE for a in ACT_FNS],
 )
 def test_drop_in_computes_pyrefts_output_and_gradients(type_name, act_fn):
     """On pyreft's own weights (its state dict loaded into ours) each drop-in gives pyreft's
     output and the gradients of h and of every non-rotation tensor (fp32, ≤ 1e-5 relative), with
-    the same state-dict keys except the rotation, stored as LoReFT stores it."""
+    the same state-dict keys except the rotation, stored as LoReFT stores it; an act_fn the
+    kernels compute takes the fused activated edit, another one the composite."""
     torch.manual_seed(0)
     theirs, ours = _pair(type_name, act_fn=act_fn)
+    assert ours.fused_act == (ACT_FNS[act_fn] if act_fn else None)
     theirs.eval(), ours.eval()
     rotation = {k for k in theirs.state_dict() if k.startswith("rotate_layer")}
     expected_keys = set(theirs.state_dict()) - rotation | ({"rotate_layer"} if rotation else set())
@@ -93,12 +99,15 @@ def test_drop_in_computes_pyrefts_output_and_gradients(type_name, act_fn):
         assert max_rel(have[name], want[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("type_name", TYPES)
-def test_drop_in_bfloat16_error_at_most_twice_pyrefts(type_name):
+@pytest.mark.parametrize(
+    ("type_name", "act_fn"), [(t, None) for t in TYPES] + [(t, "gelu") for t in WITH_SOURCE]
+)
+def test_drop_in_bfloat16_error_at_most_twice_pyrefts(type_name, act_fn):
     """bfloat16 h and learned source (pyreft's default dtype): error against the float64
-    evaluation of pyreft's module on the same (bf16) weights ≤ 2× pyreft's own bf16 error."""
+    evaluation of pyreft's module on the same (bf16) weights ≤ 2× pyreft's own bf16 error (with
+    act_fn: the fused activated edit)."""
     torch.manual_seed(1)
-    theirs, ours = _pair(type_name, dtype=torch.bfloat16)
+    theirs, ours = _pair(type_name, dtype=torch.bfloat16, act_fn=act_fn)
     truth = copy.deepcopy(theirs).double().eval()
     h = torch.randn(64, EMBED).bfloat16()
     expected = truth(h.double())

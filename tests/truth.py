@@ -33,6 +33,26 @@ def truth_direft(h, R, W, b):
     return h + expand(project(h, W) + b, R)
 
 
+#: The activated edit's activations as torch computes them (torch.nn.functional's formulas).
+TRUTH_ACTIVATIONS = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+
+def truth_lowrank_edit_act(h, W, b, Q, activation, S=None, c=None):
+    """h + (act(h Wᵀ + b) − (h Sᵀ + c)) Q (no subtraction without S; c = 0 without c)."""
+    z = TRUTH_ACTIVATIONS[activation](project(h, W) + b)
+    if S is not None:
+        z = z - project(h, S) - (0 if c is None else c)
+    return h + expand(z, Q)
+
+
 def truth_lowrank_edit_multi(h, P, Q, b, adapter):
     """Row by row: h[i] + (P[a] h[i] + b[a]) Q[a] for a = adapter[i] ≥ 0, else h[i] (each row a
     one-row batch of truth_lowrank_edit: nothing shared with a grouping of rows by adapter)."""

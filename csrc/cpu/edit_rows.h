@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../activation.h"
 #include "../lowrank_edit.h"
 #include "convert.h"
 #include "isa_dispatch.h"
@@ -119,15 +120,15 @@ REFT_ROW_INLINE void accumulate_rows(acc_t* acc, const acc_t* const* c, const ac
 REFT_ROW_INLINE int64_t row_at(const int64_t* order, int64_t n) { return order ? order[n] : n; }
 
 // Row buffers of one thread: rows converted to the accumulation dtype (when h is not already in
-// it) and the r projections of each row of a block.
+// it) and the projections of each row of a block (`per_row` values each).
 template <typename scalar_t, typename acc_t>
 struct RowScratch {
   static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   std::vector<acc_t> rows;
   std::vector<acc_t> projections;
   // Room for `n_rows` converted rows and the projections of a block of `block_rows`.
-  RowScratch(int64_t n_rows, int64_t block_rows, int64_t d, int64_t r)
-      : rows(kConvert ? n_rows * d : 0), projections(block_rows * r) {}
+  RowScratch(int64_t n_rows, int64_t block_rows, int64_t d, int64_t per_row)
+      : rows(kConvert ? n_rows * d : 0), projections(block_rows * per_row) {}
   // Pointers to the rows at positions [n, n + M) of `order` in src (stride d), converted into
   // slot `slot` when needed.
   template <int M>
@@ -140,6 +141,16 @@ struct RowScratch {
   }
 };
 
+// The activated edit (lowrank_edit_act): P has rp rows (r, or 2r when a projection is
+// subtracted), v = h Pᵀ + b (N, rp) is kept beside z = act(u) − s (N, r), csrc/activation.h.
+// Null v: the plain edit, z = h Pᵀ + b with rp = r.
+template <typename acc_t>
+struct Activated {
+  acc_t* v = nullptr;  // (N, rp): written by the forward, read by the backward
+  int64_t rp = 0;
+  Activation act = Activation::kIdentity;
+};
+
 // Pointers and sizes of one forward call. Rows are visited at positions [begin, end) of `order`
 // (null: rows begin..end themselves); P, Q, b are the factors of the adapter those rows share.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
@@ -150,6 +161,8 @@ struct ForwardArgs {
   acc_t* z;
   int64_t d, r;
   const int64_t* order = nullptr;
+  Activated<acc_t> activated = {};
+  int64_t rp() const { return activated.v ? activated.rp : r; }  // rows of P (and of b)
 };
 
 // Pointers and sizes of one backward call. grad_h null: ∂h is not wanted (its pass is skipped);
@@ -162,22 +175,33 @@ struct BackwardArgs {
   bool want_P, want_Q, want_b;
   int64_t d, r;
   const int64_t* order = nullptr;  // as in ForwardArgs
+  Activated<acc_t> activated = {};
+  int64_t rp() const { return activated.v ? activated.rp : r; }
 };
 
-// Forward on M rows from n: z = x Pᵀ + b, out = x + z Q.
+// Size of one group's partial sums: [∂P (rp×d) | ∂Q (r×d) | ∂b (rp)].
+REFT_ROW_INLINE int64_t partial_size(int64_t rp, int64_t r, int64_t d) { return (rp + r) * d + rp; }
+
+// Forward on M rows from n: z = x Pᵀ + b (activated: v = x Pᵀ + b, z = act(u) − s), out = x + z Q.
 template <int M, typename scalar_t, typename acc_t>
 REFT_ROW_INLINE void forward_block(RowScratch<scalar_t, acc_t>& scratch,
                                    const ForwardArgs<scalar_t>& a, int64_t n) {
+  const Activated<acc_t>& act = a.activated;
   const acc_t* x[M];
   acc_t* zi[M];
+  acc_t* vi[M];
   scalar_t* y[M];
   scratch.template view<M>(a.h, a.order, n, a.d, 0, x);
   for (int i = 0; i < M; ++i) {
     const int64_t row = row_at(a.order, n + i);
     zi[i] = a.z + row * a.r;
+    vi[i] = act.v ? act.v + row * act.rp : zi[i];
     y[i] = a.out + row * a.d;
   }
-  project_rows<M>(x, a.P, a.b, a.d, a.r, zi);
+  project_rows<M>(x, a.P, a.b, a.d, a.rp(), vi);
+  if (act.v) {
+    for (int i = 0; i < M; ++i) activated_z(act.act, vi[i], a.r, act.rp, zi[i]);
+  }
   edit_rows<M>(x, zi, a.Q, a.d, a.r, y);
 }
 
@@ -189,41 +213,50 @@ REFT_ROW_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begin,
   for (; n < end; ++n) forward_block<1>(scratch, a, n);
 }
 
-// Backward on M rows from n: gz = g Qᵀ, ∂h = g + gz P, and ∂P += gzᵀ h, ∂Q += zᵀ g, ∂b += Σ gz
-// into `partial` = [∂P (r×d) | ∂Q (r×d) | ∂b (r)], each only where wanted.
+// Backward on M rows from n: gz = g Qᵀ and c = ∂v (c = gz for the plain edit, activated_coef
+// otherwise), ∂h = g + c P, and ∂P += cᵀ h, ∂Q += zᵀ g, ∂b += Σ c into `partial` (partial_size
+// layout), each only where wanted.
 template <int M, typename scalar_t, typename acc_t>
 REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch,
                                     const BackwardArgs<scalar_t>& a, acc_t* partial, int64_t n) {
-  const int64_t d = a.d, r = a.r;
+  const Activated<acc_t>& act = a.activated;
+  const int64_t d = a.d, r = a.r, rp = a.rp();
   const acc_t* g[M];
   const acc_t* x[M];
   const acc_t* zi[M];
   acc_t* gz[M];
+  acc_t* coef[M];
   scratch.template view<M>(a.grad_out, a.order, n, d, 0, g);
   for (int i = 0; i < M; ++i) {
     zi[i] = a.z + row_at(a.order, n + i) * r;
     gz[i] = scratch.projections.data() + i * r;
+    coef[i] = act.v ? scratch.projections.data() + M * r + i * rp : gz[i];
   }
   constexpr int S = M < kRowBlock ? M : kRowBlock;  // rows per projection and edit
   if (a.grad_h || a.want_P || a.want_b) {
     for (int s = 0; s < M; s += S) {
       project_rows<S>(g + s, a.Q, static_cast<const acc_t*>(nullptr), d, r, gz + s);
     }
+    if (act.v) {
+      for (int i = 0; i < M; ++i) {
+        activated_coef(act.act, act.v + row_at(a.order, n + i) * rp, gz[i], r, rp, coef[i]);
+      }
+    }
   }
   if (a.grad_h) {
     scalar_t* dh[M];
     for (int i = 0; i < M; ++i) dh[i] = a.grad_h + row_at(a.order, n + i) * d;
-    for (int s = 0; s < M; s += S) edit_rows<S>(g + s, gz + s, a.P, d, r, dh + s);
+    for (int s = 0; s < M; s += S) edit_rows<S>(g + s, coef + s, a.P, d, rp, dh + s);
   }
   if (a.want_P) {
     scratch.template view<M>(a.h, a.order, n, d, 1, x);
-    accumulate_rows<M>(partial, gz, x, d, r);
+    accumulate_rows<M>(partial, coef, x, d, rp);
   }
-  if (a.want_Q) accumulate_rows<M>(partial + r * d, zi, g, d, r);
+  if (a.want_Q) accumulate_rows<M>(partial + rp * d, zi, g, d, r);
   if (a.want_b) {
-    acc_t* db = partial + 2 * r * d;
-    for (int64_t k = 0; k < r; ++k) {
-      for (int i = 0; i < M; ++i) db[k] += gz[i][k];
+    acc_t* db = partial + (rp + r) * d;
+    for (int64_t k = 0; k < rp; ++k) {
+      for (int i = 0; i < M; ++i) db[k] += coef[i][k];
     }
   }
 }
@@ -231,7 +264,9 @@ REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch,
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 REFT_ROW_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, acc_t* partial, int64_t begin,
                                    int64_t end) {
-  RowScratch<scalar_t, acc_t> scratch(2 * kBackwardRowBlock, kBackwardRowBlock, a.d, a.r);
+  // Per row of a block: gz (r values) and, activated, ∂v (rp values).
+  const int64_t per_row = a.activated.v ? a.r + a.rp() : a.r;
+  RowScratch<scalar_t, acc_t> scratch(2 * kBackwardRowBlock, kBackwardRowBlock, a.d, per_row);
   int64_t n = begin;
   for (; n + kBackwardRowBlock <= end; n += kBackwardRowBlock) {
     backward_block<kBackwardRowBlock>(scratch, a, partial, n);
@@ -239,25 +274,26 @@ REFT_ROW_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, acc_t* parti
   for (; n < end; ++n) backward_block<1>(scratch, a, partial, n);
 }
 
-// Second stage of the parameter gradients: for each adapter a, part t of its gradient (0: ∂P and
-// 1: ∂Q, r×d each; 2: ∂b, r) is the sum of its groups' partials [first_group[a], first_group[a+1]),
-// added in group order, so the result does not depend on the thread count; an adapter with no
-// groups gets zeros. targets[t] holds part t of every adapter in turn, or is null (not wanted).
-// partials: one row of 2·r·d + r per group, laid out [∂P | ∂Q | ∂b].
+// Second stage of the parameter gradients: for each adapter a, part t of its gradient (0: ∂P,
+// rp×d; 1: ∂Q, r×d; 2: ∂b, rp) is the sum of its groups' partials [first_group[a],
+// first_group[a+1]), added in group order, so the result does not depend on the thread count; an
+// adapter with no groups gets zeros. targets[t] holds part t of every adapter in turn, or is null
+// (not wanted). partials: one row of partial_size(rp, r, d) per group.
 template <typename acc_t>
-void sum_partials(const acc_t* partials, const int64_t* first_group, int64_t adapters, int64_t r,
-                  int64_t d, const std::array<acc_t*, 3>& targets) {
-  const int64_t rd = r * d, partial_size = 2 * rd + r;
-  at::parallel_for(0, adapters * partial_size, 4096, [&](int64_t begin, int64_t end) {
+void sum_partials(const acc_t* partials, const int64_t* first_group, int64_t adapters, int64_t rp,
+                  int64_t r, int64_t d, const std::array<acc_t*, 3>& targets) {
+  const int64_t size = partial_size(rp, r, d);
+  const int64_t starts[3] = {0, rp * d, (rp + r) * d}, sizes[3] = {rp * d, r * d, rp};
+  at::parallel_for(0, adapters * size, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t a = idx / partial_size, i = idx % partial_size;
-      const int64_t part = std::min<int64_t>(i / rd, 2);
+      const int64_t a = idx / size, i = idx % size;
+      const int part = i < starts[1] ? 0 : (i < starts[2] ? 1 : 2);
       if (targets[part] == nullptr) continue;
       acc_t sum = 0;
       for (int64_t g = first_group[a]; g < first_group[a + 1]; ++g) {
-        sum += partials[g * partial_size + i];
+        sum += partials[g * size + i];
       }
-      targets[part][a * (part < 2 ? rd : r) + i - part * rd] = sum;
+      targets[part][a * sizes[part] + i - starts[part]] = sum;
     }
   });
 }

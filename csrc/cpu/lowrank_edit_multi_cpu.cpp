@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_multi_ba
     const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
     const at::Tensor& z, const at::Tensor& adapter, std::array<bool, 4> output_mask) {
   check_multi_backward_args(grad_out, h, P, Q, z, adapter);
-  BackwardOutputs grads(h, P, output_mask);
+  BackwardOutputs grads(h, P, Q, output_mask);
   const int64_t N = h.size(0), d = h.size(1), A = P.size(0), r = P.size(1);
   const AdapterSegments segments(adapter, A);  // checks the indices even when nothing is wanted
   if (N == 0 || d == 0 || !grads.any()) return grads.zero_filled();
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_multi_ba
       chunks.push_back({A, n, std::min(n + grain, N), -1});
     }
   }
-  const int64_t partial_size = 2 * r * d + r;
+  const int64_t partial_size = cpu::partial_size(r, r, d);
   auto partials = at::zeros({want_params ? first_group[A] : 0, partial_size}, P.options());
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_multi_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_multi_ba
       }
     });
     if (want_params) {
-      cpu::sum_partials<acc_t>(partial_ptr, first_group.data(), A, r, d, grads.targets<acc_t>());
+      cpu::sum_partials<acc_t>(partial_ptr, first_group.data(), A, r, r, d, grads.targets<acc_t>());
     }
   });
   return grads.as_tuple();

@@ -7,6 +7,11 @@
 // first kernel reads g twice and writes ∂h; the second reads h for ∂P and g for ∂Q. A gradient not
 // asked for skips its part: without ∂h the first kernel reads g once and writes nothing of N×d.
 //
+// Activated edit (lowrank_edit_act: z = act(u) − s from v = h Pᵀ + b, P with rp = r or 2r rows):
+// the same kernels, edit_rows_kernel mapping each row's projections through csrc/activation.h
+// between its two phases (forward: v -> z; backward: gz -> ∂v), the parameter sums taking ∂v's rp
+// rows for ∂P and ∂b.
+//
 // Multi-adapter ops (row i edited by adapter[i]'s factors, -1 copies the row): the same kernels
 // with kIndexed. edit_rows_kernel reads each row's adapter and its factors row by row (BGMV), so
 // the forward needs no sort. For the parameter sums, backward sorts the rows by adapter (stable, on
@@ -27,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../activation.h"
 #include "../lowrank_edit.h"
 #include "../lowrank_edit_checks.h"
 #include "../lowrank_edit_outputs.h"
@@ -71,17 +77,29 @@ constexpr int edit_rows_min_blocks() {
   return sizeof(acc_t) == 8 ? 2 : 3;
 }
 
-// For a tile of kTileRows rows x: proj = x Aᵀ (+ c) (N, r) and y = x + proj B.
-// Forward: (A, B, c) = (P, Q, b). Backward: (A, B, c) = (Q, P, null) gives gz and ∂h; with y null
-// only proj is computed. V divides d (V = 1 otherwise), so every strip is full. kIndexed: A, B
-// (adapters, r, d) and c (adapters, r) hold every adapter's factors and row n uses adapter[n]'s;
-// a row with adapter -1 gets proj = 0 and y = x.
+// The activated edit's map between edit_rows_kernel's phases, per row: forward, coef = z =
+// activated_z(proj = v); backward, coef = ∂v = activated_coef(v, proj = gz). coef null: the plain
+// edit (the edit phase uses proj itself).
+template <typename acc_t>
+struct RowMap {
+  acc_t* coef = nullptr;     // (N, B's rows)
+  const acc_t* v = nullptr;  // backward: the forward's v (N, rp)
+  int r = 0, rp = 0;         // rows of Q and of P
+  Activation act = Activation::kIdentity;
+};
+
+// For a tile of kTileRows rows x: proj = x Aᵀ (+ c) (N, rA) and y = x + coef B (B with rB rows;
+// coef = proj unless `map` says otherwise). Forward: (A, B, c) = (P, Q, b). Backward: (A, B, c) =
+// (Q, P, null) gives gz and ∂h; with y null only proj (and map's coef) is computed. V divides d (V
+// = 1 otherwise), so every strip is full. kIndexed (plain edit only, rA = rB = r): A, B (adapters,
+// r, d) and c (adapters, r) hold every adapter's factors and row n uses adapter[n]'s; a row with
+// adapter -1 gets proj = 0 and y = x.
 template <typename scalar_t, typename acc_t, int V, bool kIndexed>
 __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
     edit_rows_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ A,
                      const acc_t* __restrict__ B, const acc_t* __restrict__ c,
-                     scalar_t* __restrict__ y, acc_t* proj, int64_t N, int64_t d, int r,
-                     const int64_t* __restrict__ adapter) {
+                     scalar_t* __restrict__ y, acc_t* proj, int64_t N, int64_t d, int rA, int rB,
+                     const int64_t* __restrict__ adapter, RowMap<acc_t> map) {
   __shared__ acc_t warp_partials[kWarps][kTileRows * kChunk];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int rows = static_cast<int>(N - row0 < kTileRows ? N - row0 : kTileRows);
@@ -96,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
     }
   };
 
-  for (int k0 = 0; k0 < r; k0 += kChunk) {
+  for (int k0 = 0; k0 < rA; k0 += kChunk) {
     acc_t acc[kTileRows][kChunk];
 #pragma unroll
     for (int i = 0; i < kTileRows; ++i)
@@ -109,12 +127,12 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
         if (i >= rows) break;
         const int64_t a = adapter_of(i);
         if (a < 0) continue;
-        const acc_t* factor = A + a * r * d;
+        const acc_t* factor = A + a * rA * d;
         acc_t xv[V];
         load_vec<V>(xv, x + (row0 + i) * d + j);
 #pragma unroll
         for (int kk = 0; kk < kChunk; ++kk) {
-          if (k0 + kk >= r) break;
+          if (k0 + kk >= rA) break;
           acc_t lanes[V] = {};
           dot_lanes<V>(lanes, xv, factor + (k0 + kk) * d + j);
           acc[i][kk] += sum_lanes<V>(lanes);
@@ -131,16 +149,29 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
     __syncthreads();
     if (threadIdx.x < kTileRows * kChunk) {
       const int i = threadIdx.x / kChunk, k = k0 + threadIdx.x % kChunk;
-      if (i < rows && k < r) {
+      if (i < rows && k < rA) {
         const int64_t a = adapter_of(i);
-        acc_t total = c && a >= 0 ? c[a * r + k] : acc_t(0);
+        acc_t total = c && a >= 0 ? c[a * rA + k] : acc_t(0);
         for (int w = 0; w < kWarps; ++w) total += warp_partials[w][threadIdx.x];
-        proj[(row0 + i) * r + k] = total;
+        proj[(row0 + i) * rA + k] = total;
       }
     }
     __syncthreads();  // also publishes this chunk of proj to the whole block
   }
+  if (map.coef != nullptr) {  // one thread per row: r activations, next to the row's d-long work
+    if (threadIdx.x < rows) {
+      const int64_t row = row0 + threadIdx.x;
+      if (map.v == nullptr) {
+        activated_z(map.act, proj + row * rA, map.r, map.rp, map.coef + row * rB);
+      } else {
+        activated_coef(map.act, map.v + row * map.rp, proj + row * rA, map.r, map.rp,
+                       map.coef + row * rB);
+      }
+    }
+    __syncthreads();
+  }
   if (y == nullptr) return;  // the same for the whole block: no barrier is left behind
+  const acc_t* coef = map.coef != nullptr ? map.coef : proj;
 
   for (int64_t s = threadIdx.x; s < strips; s += kThreads) {
     const int64_t j = s * V;
@@ -149,9 +180,9 @@ __global__ void __launch_bounds__(kThreads, edit_rows_min_blocks<acc_t>())
       load_vec<V>(xv, x + (row0 + i) * d + j);
       const int64_t a = adapter_of(i);
       if (a >= 0) {
-        const acc_t* p = proj + (row0 + i) * r;
-        const acc_t* factor = B + a * r * d;
-        for (int k = 0; k < r; ++k) axpy_lanes<V>(xv, p[k], factor + k * d + j);
+        const acc_t* p = coef + (row0 + i) * rB;
+        const acc_t* factor = B + a * rB * d;
+        for (int k = 0; k < rB; ++k) axpy_lanes<V>(xv, p[k], factor + k * d + j);
       }
       store_vec<V>(y + (row0 + i) * d + j, xv);
     }
@@ -197,20 +228,23 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Per group of rows (blockIdx.y) and column strip: partials[t][group][k][j] = Σ_n coef[n][k]
-// x[n][j] with (coef, x) = (gz, h) for t = 0 (∂P) and (z, g) for t = 1 (∂Q); t = first_t +
-// blockIdx.z, so a grid of depth 1 computes only one of them. Unless bias_partials is null, block
-// (0, group, 0) also writes bias_partials[group][k] = Σ_n gz[n][k]. Groups are runs of group_rows
-// rows, or with kIndexed those of `groups` (a block past the last group has nothing to do).
+// x[n][j] with (coef, x) = (gz, h) for t = 0 (∂P; rp rows of coefficients: ∂v for the activated
+// edit, else rp = r) and (z, g) for t = 1 (∂Q, r rows); t = first_t + blockIdx.z, so a grid of
+// depth 1 computes only one of them. The partials are [t = 0: groups × rp × d | t = 1: groups × r
+// × d]. Unless bias_partials is null, block (0, group, 0) also writes bias_partials[group][k] =
+// Σ_n gz[n][k] (k < rp). Groups are runs of group_rows rows, or with kIndexed those of `groups` (a
+// block past the last group has nothing to do).
 template <typename scalar_t, typename acc_t, int V, bool kIndexed>
 __global__ void __launch_bounds__(kThreads)
     outer_partials_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ g,
                           const acc_t* __restrict__ gz, const acc_t* __restrict__ z,
                           acc_t* __restrict__ partials, acc_t* __restrict__ bias_partials,
-                          int64_t N, int64_t d, int r, int64_t group_rows, int first_t,
+                          int64_t N, int64_t d, int rp, int r, int64_t group_rows, int first_t,
                           AdapterGroups by_adapter) {
   const int t = first_t + static_cast<int>(blockIdx.z);
   const scalar_t* x = t == 0 ? h : g;
   const acc_t* coef = t == 0 ? gz : z;
+  const int rows_t = t == 0 ? rp : r;
   const int64_t group = blockIdx.y, groups = gridDim.y;
   int64_t n0 = group * group_rows;
   int64_t n1 = n0 + group_rows < N ? n0 + group_rows : N;
@@ -242,14 +276,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V;
 
   if (bias_partials != nullptr && blockIdx.z == 0 && blockIdx.x == 0) {
-    for (int k = threadIdx.x; k < r; k += kThreads) {
+    for (int k = threadIdx.x; k < rp; k += kThreads) {
       acc_t total = 0;
-      for (int64_t n = n0; n < n1; ++n) total += gz[row_at(n) * r + k];
-      bias_partials[group * r + k] = total;
+      for (int64_t n = n0; n < n1; ++n) total += gz[row_at(n) * rp + k];
+      bias_partials[group * rp + k] = total;
     }
   }
   if (j >= d) return;
-  for (int k0 = 0; k0 < r; k0 += kChunk) {
+  acc_t* part = partials + (t == 0 ? 0 : groups * rp * d) + group * rows_t * d;
+  for (int k0 = 0; k0 < rows_t; k0 += kChunk) {
     acc_t acc[kChunk][V];
 #pragma unroll
     for (int kk = 0; kk < kChunk; ++kk)
@@ -261,13 +296,13 @@ __global__ void __launch_bounds__(kThreads)
       load_strip<V>(xv, x + row * d + j);
 #pragma unroll
       for (int kk = 0; kk < kChunk; ++kk) {
-        if (k0 + kk < r) axpy_lanes<V>(acc[kk], coef[row * r + k0 + kk], xv);
+        if (k0 + kk < rows_t) axpy_lanes<V>(acc[kk], coef[row * rows_t + k0 + kk], xv);
       }
     }
 #pragma unroll
     for (int kk = 0; kk < kChunk; ++kk) {
-      if (k0 + kk < r) {
-        acc_t* dst = partials + ((t * groups + group) * r + k0 + kk) * d + j;
+      if (k0 + kk < rows_t) {
+        acc_t* dst = part + (k0 + kk) * d + j;
 #pragma unroll
         for (int v = 0; v < V; ++v) dst[v] = acc[kk][v];
       }
@@ -275,33 +310,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_P, grad_Q (r×d each) and grad_b (r) of each adapter a < adapters (one without an index):
-// the partials of its groups [first_group[a], first_group[a + 1]) — all `groups` without an index —
-// added in group order; a null target is skipped. `groups` is also the partials' group stride.
+// grad_P (rp×d), grad_Q (r×d) and grad_b (rp) of each adapter a < adapters (one without an
+// index): the partials of its groups [first_group[a], first_group[a + 1]) — all `groups` without
+// an index — added in group order; a null target is skipped. `groups` is also the partials' group
+// stride (layout of outer_partials_kernel).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     sum_partials_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ bias_partials,
                         acc_t* __restrict__ grad_P, acc_t* __restrict__ grad_Q,
-                        acc_t* __restrict__ grad_b, int64_t groups, int64_t rd, int r,
+                        acc_t* __restrict__ grad_b, int64_t groups, int64_t d, int rp, int r,
                         const int64_t* __restrict__ first_group, int64_t adapters) {
-  const int64_t per_adapter = 2 * rd + r;
+  const int64_t size_P = rp * d, size_Q = r * d;
+  const int64_t per_adapter = size_P + size_Q + rp;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (idx >= adapters * per_adapter) return;
   const int64_t a = idx / per_adapter, e = idx % per_adapter;
   const int64_t g0 = first_group ? first_group[a] : 0;
   const int64_t g1 = first_group ? first_group[a + 1] : groups;
-  if (e < 2 * rd) {
-    const int64_t t = e / rd, k = e % rd;
-    acc_t* target = t == 0 ? grad_P : grad_Q;
+  if (e < size_P + size_Q) {
+    const bool is_P = e < size_P;
+    acc_t* target = is_P ? grad_P : grad_Q;
     if (target == nullptr) return;
+    const int64_t k = is_P ? e : e - size_P, size = is_P ? size_P : size_Q;
+    const acc_t* first = partials + (is_P ? 0 : groups * size_P) + k;
     acc_t total = 0;
-    for (int64_t group = g0; group < g1; ++group) total += partials[(t * groups + group) * rd + k];
-    target[a * rd + k] = total;
+    for (int64_t group = g0; group < g1; ++group) total += first[group * size];
+    target[a * size + k] = total;
   } else if (grad_b != nullptr) {
-    const int64_t k = e - 2 * rd;
+    const int64_t k = e - size_P - size_Q;
     acc_t total = 0;
-    for (int64_t group = g0; group < g1; ++group) total += bias_partials[group * r + k];
-    grad_b[a * r + k] = total;
+    for (int64_t group = g0; group < g1; ++group) total += bias_partials[group * rp + k];
+    grad_b[a * rp + k] = total;
   }
 }
 
@@ -320,23 +359,23 @@ bool can_vectorize(int64_t d, std::initializer_list<const void*> pointers) {
 // edit_rows_kernel over all N rows; with `adapter` (N,) each row uses its adapter's factors.
 template <typename scalar_t, typename acc_t>
 void launch_edit_rows(const scalar_t* x, const acc_t* A, const acc_t* B, const acc_t* c,
-                      scalar_t* y, acc_t* proj, int64_t N, int64_t d, int r, const int64_t* adapter,
-                      cudaStream_t stream) {
+                      scalar_t* y, acc_t* proj, int64_t N, int64_t d, int rA, int rB,
+                      const int64_t* adapter, RowMap<acc_t> map, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(N, kTileRows)));
   constexpr int V = 16 / sizeof(scalar_t);
   const bool vectorize = can_vectorize<scalar_t>(d, {x, y});
   if (adapter == nullptr && vectorize) {
     edit_rows_kernel<scalar_t, acc_t, V, false>
-        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r, adapter);
+        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, rA, rB, adapter, map);
   } else if (adapter == nullptr) {
     edit_rows_kernel<scalar_t, acc_t, 1, false>
-        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r, adapter);
+        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, rA, rB, adapter, map);
   } else if (vectorize) {
     edit_rows_kernel<scalar_t, acc_t, V, true>
-        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r, adapter);
+        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, rA, rB, adapter, map);
   } else {
     edit_rows_kernel<scalar_t, acc_t, 1, true>
-        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, r, adapter);
+        <<<grid, kThreads, 0, stream>>>(x, A, B, c, y, proj, N, d, rA, rB, adapter, map);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -350,34 +389,58 @@ at::Tensor checked_index(const at::Tensor& adapter, int64_t adapters) {
   return index;
 }
 
-// Forward of the single edit (index undefined; P, Q (r, d)) and of the multi-adapter edit
-// (index (N,) int64; P, Q (A, r, d), b (A, r)).
+// Forward of the single edit (index undefined; P, Q (r, d)), of the multi-adapter edit (index
+// (N,) int64; P, Q (A, r, d), b (A, r)) and of the activated edit (v defined: P (rp, d), b (rp,),
+// v (N, rp) written beside z). Returns (out, z).
 std::tuple<at::Tensor, at::Tensor> edit_forward(const at::Tensor& h, const at::Tensor& P,
                                                 const at::Tensor& Q, const at::Tensor& b,
-                                                const at::Tensor& index) {
-  const int64_t N = h.size(0), d = h.size(1), r = P.size(-2);
+                                                const at::Tensor& index, const at::Tensor& v = {},
+                                                Activation act = Activation::kIdentity) {
+  const int64_t N = h.size(0), d = h.size(1), r = Q.size(-2), rp = P.size(-2);
   auto out = at::empty_like(h);
   auto z = at::empty({N, r}, P.options());
   if (N == 0) return {out, z};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
+    acc_t* z_ptr = z.mutable_data_ptr<acc_t>();
+    RowMap<acc_t> map;  // the activated edit: projections into v, then z = act(u) − s
+    if (v.defined()) map = {z_ptr, nullptr, static_cast<int>(r), static_cast<int>(rp), act};
     launch_edit_rows<scalar_t, acc_t>(
         h.const_data_ptr<scalar_t>(), P.const_data_ptr<acc_t>(), Q.const_data_ptr<acc_t>(),
-        b.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), z.mutable_data_ptr<acc_t>(), N,
-        d, static_cast<int>(r), index.defined() ? index.const_data_ptr<int64_t>() : nullptr,
+        b.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
+        v.defined() ? v.mutable_data_ptr<acc_t>() : z_ptr, N, d, static_cast<int>(rp),
+        static_cast<int>(r), index.defined() ? index.const_data_ptr<int64_t>() : nullptr, map,
         stream);
   });
   return {out, z};
 }
 
-// Backward of either edit (index as in edit_forward).
+// outer_partials_kernel with V elements per thread, indexed or not (the grid's column blocks
+// sized by the caller for that V).
+template <typename scalar_t, typename acc_t, int V>
+void launch_outer_partials(dim3 grid, cudaStream_t stream, bool indexed, const scalar_t* h,
+                           const scalar_t* g, const acc_t* coef, const acc_t* z, acc_t* partials,
+                           acc_t* bias_partials, int64_t N, int64_t columns, int rp, int r,
+                           int64_t group_rows, int first_t, AdapterGroups by_adapter) {
+  if (indexed) {
+    outer_partials_kernel<scalar_t, acc_t, V, true><<<grid, kThreads, 0, stream>>>(
+        h, g, coef, z, partials, bias_partials, N, columns, rp, r, group_rows, first_t, by_adapter);
+  } else {
+    outer_partials_kernel<scalar_t, acc_t, V, false><<<grid, kThreads, 0, stream>>>(
+        h, g, coef, z, partials, bias_partials, N, columns, rp, r, group_rows, first_t, by_adapter);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Backward of either edit (index, v and act as in edit_forward).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edit_backward(
     const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
-    const at::Tensor& z, const at::Tensor& index, std::array<bool, 4> output_mask) {
-  BackwardOutputs grads(h, P, output_mask);
+    const at::Tensor& z, const at::Tensor& index, std::array<bool, 4> output_mask,
+    const at::Tensor& v = {}, Activation act = Activation::kIdentity) {
+  BackwardOutputs grads(h, P, Q, output_mask);
   const bool indexed = index.defined();
-  const int64_t N = h.size(0), d = h.size(1), r = P.size(-2);
+  const int64_t N = h.size(0), d = h.size(1), r = Q.size(-2), rp = P.size(-2);
   const int64_t adapters = indexed ? P.size(0) : 1;
   // No products to sum (and no empty grid), or nothing asked for.
   if (N == 0 || d == 0 || !grads.any()) return grads.zero_filled();
@@ -387,12 +450,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edit_backward(
   const bool want_sums = want_outer || grads.want_b();
   const int64_t* index_ptr = indexed ? index.const_data_ptr<int64_t>() : nullptr;
   auto gz = at::empty({want_gz ? N : 0, r}, P.options());
+  // The activated edit's ∂v = activated_coef(v, gz): what ∂h, ∂P and ∂b take in gz's place.
+  auto coef = at::empty({want_gz && v.defined() ? N : 0, rp}, P.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Groups of rows for the parameter sums: runs of group_rows rows, or with an index each
   // adapter's rows in groups planned on the device (by_adapter), `groups` then being a bound:
   // every group but an adapter's last has at least rows_per_partial(0, r) rows, and no adapter
   // has more than 256 groups.
-  int64_t group_rows = rows_per_partial(N, r);
+  int64_t group_rows = rows_per_partial(N, rp);
   int64_t groups = ceil_div(N, group_rows);
   AdapterGroups by_adapter{nullptr, nullptr, nullptr, adapters};
   at::Tensor order, plan;
@@ -411,18 +476,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edit_backward(
     TORCH_CHECK(groups <= 65535, "lowrank_edit_multi: too many rows and adapters for one call (", N,
                 " rows, ", adapters, " adapters: ", groups, " partial-sum groups > 65535)");
   }
-  auto partials = at::empty({want_outer ? 2 : 0, groups, r, d}, P.options());
-  auto bias_partials = at::empty({grads.want_b() ? groups : 0, r}, P.options());
+  auto partials = at::empty({want_outer ? groups * (rp + r) * d : 0}, P.options());
+  auto bias_partials = at::empty({grads.want_b() ? groups : 0, rp}, P.options());
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* g_ptr = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
     acc_t* gz_ptr = want_gz ? gz.mutable_data_ptr<acc_t>() : nullptr;
+    RowMap<acc_t> map;
+    if (want_gz && v.defined()) {
+      map = {coef.mutable_data_ptr<acc_t>(), v.const_data_ptr<acc_t>(), static_cast<int>(r),
+             static_cast<int>(rp), act};
+    }
     if (want_gz) {
       launch_edit_rows<scalar_t, acc_t>(
           g_ptr, Q.const_data_ptr<acc_t>(), P.const_data_ptr<acc_t>(), nullptr,
           grads.want_h() ? grads.grad_h.mutable_data_ptr<scalar_t>() : nullptr, gz_ptr, N, d,
-          static_cast<int>(r), index_ptr, stream);
+          static_cast<int>(r), static_cast<int>(rp), index_ptr, map, stream);
     }
     if (want_sums) {
       // Two-byte rows use 4-byte loads (2 elements), so a warp still reads 128 contiguous
@@ -439,33 +509,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> edit_backward(
       const int64_t columns = want_outer ? d : 0;
       acc_t* partials_ptr = want_outer ? partials.mutable_data_ptr<acc_t>() : nullptr;
       acc_t* bias_ptr = grads.want_b() ? bias_partials.mutable_data_ptr<acc_t>() : nullptr;
+      const acc_t* coef_ptr = map.coef != nullptr ? map.coef : gz_ptr;
       const acc_t* z_ptr = z.const_data_ptr<acc_t>();
-      const int r_int = static_cast<int>(r);
-      if (strips > 0 && indexed) {
-        outer_partials_kernel<scalar_t, acc_t, V, true>
-            <<<grid, kThreads, 0, stream>>>(h_ptr, g_ptr, gz_ptr, z_ptr, partials_ptr, bias_ptr, N,
-                                            columns, r_int, group_rows, first_t, by_adapter);
-      } else if (strips > 0) {
-        outer_partials_kernel<scalar_t, acc_t, V, false>
-            <<<grid, kThreads, 0, stream>>>(h_ptr, g_ptr, gz_ptr, z_ptr, partials_ptr, bias_ptr, N,
-                                            columns, r_int, group_rows, first_t, by_adapter);
-      } else if (indexed) {
-        outer_partials_kernel<scalar_t, acc_t, 1, true>
-            <<<grid, kThreads, 0, stream>>>(h_ptr, g_ptr, gz_ptr, z_ptr, partials_ptr, bias_ptr, N,
-                                            columns, r_int, group_rows, first_t, by_adapter);
+      const int rp_int = static_cast<int>(rp), r_int = static_cast<int>(r);
+      if (strips > 0) {
+        launch_outer_partials<scalar_t, acc_t, V>(grid, stream, indexed, h_ptr, g_ptr, coef_ptr,
+                                                  z_ptr, partials_ptr, bias_ptr, N, columns, rp_int,
+                                                  r_int, group_rows, first_t, by_adapter);
       } else {
-        outer_partials_kernel<scalar_t, acc_t, 1, false>
-            <<<grid, kThreads, 0, stream>>>(h_ptr, g_ptr, gz_ptr, z_ptr, partials_ptr, bias_ptr, N,
-                                            columns, r_int, group_rows, first_t, by_adapter);
+        launch_outer_partials<scalar_t, acc_t, 1>(grid, stream, indexed, h_ptr, g_ptr, coef_ptr,
+                                                  z_ptr, partials_ptr, bias_ptr, N, columns, rp_int,
+                                                  r_int, group_rows, first_t, by_adapter);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t outputs = adapters * (2 * r * d + r);
+      const int64_t outputs = adapters * ((rp + r) * d + rp);
       sum_partials_kernel<acc_t>
           <<<static_cast<unsigned>(ceil_div(outputs, kThreads)), kThreads, 0, stream>>>(
               partials_ptr, bias_partials.const_data_ptr<acc_t>(),
               grads.want_P() ? grads.grad_P.mutable_data_ptr<acc_t>() : nullptr,
               grads.want_Q() ? grads.grad_Q.mutable_data_ptr<acc_t>() : nullptr,
-              grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr, groups, r * d,
+              grads.want_b() ? grads.grad_b.mutable_data_ptr<acc_t>() : nullptr, groups, d, rp_int,
               r_int, by_adapter.first_group, adapters);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -508,9 +570,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_multi_ba
   return edit_backward(grad_out, h, P, Q, z, checked_index(adapter, P.size(0)), output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_edit_act_forward_cuda(
+    const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q, const at::Tensor& b,
+    c10::string_view activation) {
+  check_act_forward_args(h, P, Q, b);
+  const Activation act = parse_activation(activation);
+  const c10::cuda::CUDAGuard guard(h.device());
+  auto v = at::empty({h.size(0), P.size(0)}, P.options());
+  auto [out, z] = edit_forward(h, P, Q, b, at::Tensor(), v, act);
+  return {out, v, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_act_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q,
+    const at::Tensor& v, const at::Tensor& z, c10::string_view activation,
+    std::array<bool, 4> output_mask) {
+  check_act_backward_args(grad_out, h, P, Q, v, z);
+  const Activation act = parse_activation(activation);
+  const c10::cuda::CUDAGuard guard(h.device());
+  return edit_backward(grad_out, h, P, Q, z, at::Tensor(), output_mask, v, act);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reft_ext, CUDA, m) {
+  m.impl("lowrank_edit_act_forward", &lowrank_edit_act_forward_cuda);
+  m.impl("lowrank_edit_act_backward", &lowrank_edit_act_backward_cuda);
   m.impl("lowrank_edit_forward", &lowrank_edit_forward_cuda);
   m.impl("lowrank_edit_backward", &lowrank_edit_backward_cuda);
   m.impl("lowrank_edit_multi_forward", &lowrank_edit_multi_forward_cuda);

@@ -1,8 +1,10 @@
 """Drop-ins for pyreft's six intervention classes, on pyvene's base classes (needs pyreft/pyvene).
 
 Each class takes pyreft's constructor keywords and computes pyreft's output, with the edit on
-reft_ext's fused op (:func:`reft_ext.lowrank_edit`; one pass over h, accumulated in float32) when
-``act_fn`` is the identity (pyreft's default) and on the composite otherwise:
+reft_ext's fused ops (one pass over h, accumulated in float32): :func:`reft_ext.lowrank_edit`
+when ``act_fn`` is the identity (pyreft's default), :func:`reft_ext.lowrank_edit_act` when it is
+one of the activations the kernels compute (``FUSED_ACTIVATIONS``), and the float32 composite for
+any other callable:
 
 | class                  | pyreft's output                        | orthonormal R | dropout    |
 |------------------------|----------------------------------------|---------------|------------|
@@ -67,7 +69,7 @@ except ImportError as error:
     ) from error
 
 from ..dtypes import accumulation_dtype
-from ..functional import lowrank_edit
+from ..functional import lowrank_edit, lowrank_edit_act
 from ..modules import ORTHOGONALITY, orthonormal_parameter, parametrize_orthonormal
 from .pyreft import rotation_from_state
 
@@ -92,6 +94,26 @@ def check_orthogonality(owner: str, orthogonality) -> str:
             f"{owner}: orthogonality must be one of {DROP_IN_ORTHOGONALITY}, got {orthogonality!r}"
         )
     return orthogonality
+
+
+#: ``act_fn`` values (transformers' ACT2FN names and torch's functions) the fused kernels compute,
+#: by the kernels' name for them (reft_ext.ops.ACTIVATIONS): the same formulas as torch's.
+FUSED_ACTIVATIONS: dict[object, str] = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    torch.relu: "relu",
+    nn.functional.relu: "relu",
+    nn.functional.gelu: "gelu",
+    nn.functional.silu: "silu",
+    torch.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+}
 
 
 def _activation(act_fn) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -179,7 +201,10 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
         self.dropout = nn.Dropout(dropout)
-        self.act_fn = _activation(kwargs.get("act_fn")) if "act_fn" in self.reads else None
+        act_fn = kwargs.get("act_fn") if "act_fn" in self.reads else None
+        self.act_fn = _activation(act_fn)
+        # The kernels' name for act_fn, or None (the identity, or a callable they do not know).
+        self.fused_act = FUSED_ACTIVATIONS.get(act_fn) if self.act_fn is not None else None
         # Through the class (the hook is given the module): torch marks each hook object, which a
         # bound method does not allow.
         self.register_state_dict_post_hook(type(self)._to_pyreft_form)
@@ -212,6 +237,8 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
         elif self.act_fn is None:  # one fused pass: P = W − S, bias b − c
             P = (W if W is not None else 0) - (S if S is not None else 0)
             edited = lowrank_edit(base, P, Q, b - c if c is not None else b)
+        elif self.fused_act is not None:  # one fused pass: act(W h + b) − (S h + c), then the edit
+            edited = lowrank_edit_act(base, W, b, Q, self.fused_act, S, c)
         else:  # act(W h + b) − (S h + c): the activation keeps W and S apart (composite)
             h = base.to(acc)
             z = self.act_fn(nn.functional.linear(h, W, b))

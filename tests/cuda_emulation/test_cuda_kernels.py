@@ -13,6 +13,7 @@ where one is present (bench/gpu_check.sh), so the two can be compared shape for 
 
 import pytest
 import torch
+from test_lowrank_edit_act import act_inputs
 from truth import (
     assert_close_rel,
     max_abs_err,
@@ -21,6 +22,7 @@ from truth import (
     polar_truth,
     qr_truth,
     truth_lowrank_edit,
+    truth_lowrank_edit_act,
     truth_multi_and_grads,
 )
 
@@ -87,15 +89,27 @@ def test_edit_forward_backward_match_truth(gpu, case):
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     out64 = truth_lowrank_edit(*leaves64)
     grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+
+    def naive():  # the composite in h's dtype: (out, ∂h)
+        out = reference.lowrank_edit(*leaves)
+        return out, torch.autograd.grad(out, leaves[0], grad_out)[0]
+
+    _assert_matches_truth(dtype, (out, grads), (out64.detach(), grads64), naive)
+
+
+def _assert_matches_truth(dtype, fused, truth64, naive):
+    """fused = (out, grads) against truth64 = (out64, grads64): in float64 and float32 to the
+    truths' tolerance; with bf16/fp16 rows, out and ∂h within twice the error of naive() = (out,
+    ∂h) computed in that dtype, and the (float32) parameter gradients to 1e-4."""
+    (out, grads), (out64, grads64) = fused, truth64
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     if dtype in (torch.float64, torch.float32):
-        assert_close_rel(out, out64.detach())
+        assert_close_rel(out, out64)
         for g, g64 in zip(grads, grads64, strict=True):
             assert_close_rel(g, g64)
         return
-    naive = reference.lowrank_edit(*leaves)
-    (naive_grad_h,) = torch.autograd.grad(naive, leaves[0], grad_out)
-    assert max_abs_err(out, out64) <= 2 * max_abs_err(naive, out64) + 1e-6
+    naive_out, naive_grad_h = naive()
+    assert max_abs_err(out, out64) <= 2 * max_abs_err(naive_out, out64) + 1e-6
     assert max_abs_err(grads[0], grads64[0]) <= 2 * max_abs_err(naive_grad_h, grads64[0]) + 1e-6
     for g, g64 in zip(grads[1:], grads64[1:], strict=True):
         assert_close_rel(g, g64, rel=1e-4)
@@ -349,3 +363,39 @@ def test_retract_list_is_one_launch_on_a_gpu():
         torch.cuda.synchronize()
     launches = [e for e in profile.events() if "retract_kernel" in e.name]
     assert len(launches) == 1, [e.name for e in launches]
+
+
+# --------------------------------------------------------------------------------------------------
+# Activated edit (lowrank_edit_act)
+
+# (N, d, r, dtype, subtract, activation): 2r projections reduced in chunks of 8 (2r = 22: a chunk
+# tail), the map between the phases on each tile's rows, ∂v's 2r rows in the parameter sums.
+ACT_CASES = {
+    "fp32-vec-2r-chunk-tail-gelu": (13, 1028, 11, torch.float32, True, "gelu"),
+    "fp32-scalar-d-silu": (6, 1030, 8, torch.float32, True, "silu"),
+    "fp32-3-groups-no-S-tanh": (301, 300, 2, torch.float32, False, "tanh"),
+    "fp64-relu": (7, 514, 9, torch.float64, True, "relu"),
+    "bf16-vec-gelu-tanh": (9, 2056, 5, torch.bfloat16, True, "gelu_tanh"),
+    "fp16-odd-d-sigmoid": (3, 2049, 3, torch.float16, True, "sigmoid"),
+}
+
+
+@pytest.mark.parametrize("case", list(ACT_CASES))
+def test_activated_edit_matches_truth(gpu, case):
+    """Output and the gradients of h, W, b, Q, S, c against the float64 truth (torch's own
+    activations); bf16/fp16 h within 2× the error of the same formula in that dtype."""
+    N, d, r, dtype, subtract, activation = ACT_CASES[case]
+    leaves = act_inputs(N, d, r, dtype, gpu, subtract, param_dtype=_acc(dtype))
+    out = reft_ext.lowrank_edit_act(activation=activation, **leaves)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
+    leaves64 = {k: t.detach().double().requires_grad_() for k, t in leaves.items()}
+    out64 = truth_lowrank_edit_act(activation=activation, **leaves64)
+    grads64 = torch.autograd.grad(out64, list(leaves64.values()), grad_out.double())
+
+    def naive():  # the same formula, parameters too, in h's dtype: (out, ∂h)
+        low = {k: t.detach().to(dtype).requires_grad_() for k, t in leaves.items()}
+        out = truth_lowrank_edit_act(activation=activation, **low)
+        return out, torch.autograd.grad(out, low["h"], grad_out)[0]
+
+    _assert_matches_truth(dtype, (out, grads), (out64.detach(), grads64), naive)

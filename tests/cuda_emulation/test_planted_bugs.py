@@ -27,15 +27,15 @@ WARP = "cuda/warp_reduce.cuh"
 MUTATIONS = {
     "write-one-past-an-output": (
         EDIT,
-        "    grad_b[a * r + k] = total;\n",
-        "    grad_b[a * r + k] = total;\n    if (k == r - 1) grad_b[a * r + r] = total;\n",
+        "    grad_b[a * rp + k] = total;\n",
+        "    grad_b[a * rp + k] = total;\n    if (k == rp - 1) grad_b[a * rp + rp] = total;\n",
         "default",
         ("backward", "error", "out-of-bounds write"),
     ),
     "output-element-never-written": (
         EDIT,
-        "      if (i < rows && k < r) {",
-        "      if (i < rows && k < r && !(row0 + i == N - 1 && k == r - 1)) {",
+        "      if (i < rows && k < rA) {",
+        "      if (i < rows && k < rA && !(row0 + i == N - 1 && k == rA - 1)) {",
         "default",
         ("forward", "wrong", None),
     ),
