@@ -41,3 +41,34 @@ def lowrank_edit_multi(
     z = torch.einsum("nd,nrd->nr", h, P[index]) + b[index]
     edit = torch.einsum("nr,nrd->nd", z, Q[index])
     return h + edit * (adapter >= 0).unsqueeze(-1).to(h.dtype)
+
+
+#: The activations of the activated edit as torch computes them, by the ops' names
+#: (reft_ext.ops.ACTIVATIONS).
+ACTIVATIONS = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+
+def lowrank_edit_act(
+    h: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    Q: torch.Tensor,
+    activation: str,
+    S: torch.Tensor | None = None,
+    c: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """pyreft's forward with ``act_fn``: ``h + (act(W h + b) − (S h + c)) Q`` (nothing
+    subtracted without S) as matmul-level ops in h's dtype."""
+    W, b, Q = (t.to(h.dtype) for t in (W, b, Q))
+    z = ACTIVATIONS[activation](h @ W.T + b)
+    if S is not None:
+        z = z - h @ S.to(h.dtype).T - (0 if c is None else c.to(h.dtype))
+    return h + z @ Q

@@ -247,3 +247,20 @@ def test_pyreft_step_suite_is_empty_without_pyreft(monkeypatch):
         assert PyreftStepCase.grid(quick=True) == PyreftStepCase.grid(quick=False) == []
     finally:
         pyreft_module.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_act_suite_providers_compute_the_same_edit(mode):
+    """The act suite's fused and naive providers compute LoReFT with the activation (the same
+    values and gradients in float32), and plain the edit without it."""
+    from reft_ext.bench.act import ActCase
+
+    calls = ActCase(mode, 64, 48, 3, "float32", "gelu").calls(torch.device("cpu"))
+    # Each provider returns the output (forward) or the gradients of h, R, W, b: as a list.
+    fused, naive, plain = (
+        list(result) if mode == "forward_backward" else [result]
+        for result in (calls[p]() for p in ("fused", "naive", "plain"))
+    )
+    for a, b in zip(fused, naive, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert (fused[0] - plain[0]).abs().max() > 1e-3  # the activation changes the edit

@@ -234,8 +234,10 @@ __global__ void __launch_bounds__(kThreads)
 // × d]. Unless bias_partials is null, block (0, group, 0) also writes bias_partials[group][k] =
 // Σ_n gz[n][k] (k < rp). Groups are runs of group_rows rows, or with kIndexed those of `groups` (a
 // block past the last group has nothing to do).
+// At least two resident blocks per SM (up to 128 registers): at ptxas's default budget for 256
+// threads (64) the indexed variant's group search spilled.
 template <typename scalar_t, typename acc_t, int V, bool kIndexed>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     outer_partials_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ g,
                           const acc_t* __restrict__ gz, const acc_t* __restrict__ z,
                           acc_t* __restrict__ partials, acc_t* __restrict__ bias_partials,

@@ -28,6 +28,7 @@ import torch
 
 from .. import reference
 from ..functional import loreft
+from .act import ActCase
 from .models import RANDOM_LLAMAS, random_llama
 from .multi import MultiGenerateCase, MultiOpCase
 from .record import Case
@@ -673,4 +674,5 @@ SUITES: tuple[type[Case], ...] = (
     PyreftStepCase,
     MultiOpCase,
     MultiGenerateCase,
+    ActCase,
 )
