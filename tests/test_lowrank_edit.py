@@ -298,9 +298,10 @@ torch.save(results, sys.argv[2])
 @pytest.mark.parametrize("dtype, acc", RAW_DTYPES[:3], ids=["fp32", "fp64", "bf16"])
 def test_portable_cpu_kernels_match_truth(tmp_path, dtype, acc):
     """REFT_EXT_CPU_KERNELS=portable: the build for CPUs without AVX2 (here forced in a child
-    process) gives the float64 truth too, for row blocks, tail rows and tail columns."""
+    process) gives the float64 truth too, for row blocks, tail rows and tail columns, column
+    chunks and rank groups."""
     inputs = []
-    for N, d, r in [(9, 37, 3), (4, 64, 1), (6, 16, 5)]:
+    for N, d, r in [(9, 37, 3), (4, 64, 1), (6, 16, 5), (11, 1037, 33)]:
         h, P, Q, b = _raw_inputs(dtype, acc, "cpu", N=N, d=d, r=r)
         inputs.append((h, P, Q, b, torch.randn_like(h)))
     torch.save(inputs, tmp_path / "inputs.pt")
@@ -430,12 +431,23 @@ def test_non_contiguous_grad_out(device, op, make_inputs):
 
 @pytest.mark.parametrize(
     "N, d, r",
-    [(1, 40, 4), (1, 1, 1), (37, 13, 1), (9, 1001, 3), (33, 64, 64), (5, 1001, 64), (130, 17, 2)],
+    [
+        (1, 40, 4),
+        (1, 1, 1),
+        (37, 13, 1),
+        (9, 1001, 3),
+        (33, 64, 64),
+        (5, 1001, 64),
+        (130, 17, 2),
+        (11, 1037, 33),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("op", OP_NAMES)
 def test_shapes(device, op, dtype, N, d, r, make_inputs):
-    """r = 1 and 64, d not a multiple of 16 (13, 17, 1001), N = 1: values and all gradients."""
+    """r = 1 and 64, d not a multiple of 16 (13, 17, 1001), N = 1: values and all gradients.
+    (11, 1037, 33): the CPU kernels' column chunks (512) with a short last one and an odd strip
+    count, rank groups (16) with a single last rank, row blocks (4, 8) with tail rows."""
     leaves = make_inputs((N, d), r, dtype, device=device)
     check_against_truth(op, leaves)
 

@@ -41,36 +41,85 @@ constexpr int kRowBlock = 4;
 // and edits still go 4 rows at a time, which keeps their accumulators in registers.)
 constexpr int kBackwardRowBlock = 8;
 
-// z[i][k] = Σ_j P[k, j] x[i][j] + b[k] for the M rows x[i], ranks [k, k + K) (b may be null).
+// The projections sweep the rows once per pair of ranks. Swept whole, 4 rows of d = 2048 floats
+// (32 KiB) and the two rows of P leave L1 before the next pair comes back to them; swept in column
+// chunks of kProjectChunk (4 rows: 8 KiB), every pair of a rank group reuses the chunk from L1.
+// Each accumulator still adds its strips in increasing column order, so the sums are unchanged.
+constexpr int64_t kProjectChunk = 512;
+// Ranks whose accumulators are kept (on the stack) across the chunks of one group.
+constexpr int kRankGroup = 16;
+
+// lane[q][i] += the strips [j0, j1) of x[i] times P's row k + q, for q < K and the M rows x[i].
 template <int M, int K, typename acc_t>
-REFT_ROW_INLINE void project_ranks(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
-                                   int64_t k, acc_t* const* z) {
+REFT_ROW_INLINE void project_strips(const acc_t* const* x, const acc_t* P, int64_t d, int64_t k,
+                                    int64_t j0, int64_t j1, vec_t<acc_t> (*lane)[M]) {
   constexpr int V = Vec<acc_t>::kLanes;
-  const int64_t full = d - d % V;
-  vec_t<acc_t> lane[K][M] = {};
-  for (int64_t j = 0; j < full; j += V) {
+  vec_t<acc_t> acc[K][M];
+  for (int q = 0; q < K; ++q) {
+    for (int i = 0; i < M; ++i) acc[q][i] = lane[q][i];
+  }
+  for (int64_t j = j0; j < j1; j += V) {
     for (int q = 0; q < K; ++q) {
       const vec_t<acc_t> wj = load_vec(P + (k + q) * d + j);
-      for (int i = 0; i < M; ++i) lane[q][i] += load_vec(x[i] + j) * wj;
+      for (int i = 0; i < M; ++i) acc[q][i] += load_vec(x[i] + j) * wj;
     }
   }
   for (int q = 0; q < K; ++q) {
-    const acc_t* w = P + (k + q) * d;
-    for (int i = 0; i < M; ++i) {
-      acc_t tail = 0;
-      for (int64_t j = full; j < d; ++j) tail += x[i][j] * w[j];
-      z[i][k + q] = reduce_vec<acc_t>(lane[q][i]) + tail + (b ? b[k + q] : acc_t(0));
+    for (int i = 0; i < M; ++i) lane[q][i] = acc[q][i];
+  }
+}
+
+// z[i][k] = Σ_j P[k, j] x[i][j] + b[k] for the M rows x[i] and all r ranks (b may be null): per
+// group of kRankGroup ranks and per column chunk, two ranks per sweep (each loaded strip of a row
+// feeds two accumulators).
+template <int M, typename acc_t>
+REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
+                                  int64_t r, acc_t* const* z) {
+  constexpr int V = Vec<acc_t>::kLanes;
+  const int64_t full = d - d % V;
+  for (int64_t k0 = 0; k0 < r; k0 += kRankGroup) {
+    const int ranks = static_cast<int>(std::min<int64_t>(kRankGroup, r - k0));
+    vec_t<acc_t> lane[kRankGroup][M] = {};
+    for (int64_t j0 = 0; j0 < full; j0 += kProjectChunk) {
+      const int64_t j1 = std::min(full, j0 + kProjectChunk);
+      int q = 0;
+      for (; q + 2 <= ranks; q += 2) project_strips<M, 2>(x, P, d, k0 + q, j0, j1, lane + q);
+      if (q < ranks) project_strips<M, 1>(x, P, d, k0 + q, j0, j1, lane + q);
+    }
+    for (int q = 0; q < ranks; ++q) {
+      const int64_t k = k0 + q;
+      const acc_t* w = P + k * d;
+      for (int i = 0; i < M; ++i) {
+        acc_t tail = 0;
+        for (int64_t j = full; j < d; ++j) tail += x[i][j] * w[j];
+        z[i][k] = reduce_vec<acc_t>(lane[q][i]) + tail + (b ? b[k] : acc_t(0));
+      }
     }
   }
 }
 
-// All r projections, two ranks per sweep: each loaded strip of a row feeds two accumulators.
-template <int M, typename acc_t>
-REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
-                                  int64_t r, acc_t* const* z) {
-  int64_t k = 0;
-  for (; k + 2 <= r; k += 2) project_ranks<M, 2>(x, P, b, d, k, z);
-  if (k < r) project_ranks<M, 1>(x, P, b, d, k, z);
+// The strips [j, j + T·V) of y[i] = x[i] + Σ_k z[i][k] Q[k, :] for the M rows. Each strip adds
+// its r terms in order, a chain of dependent FMAs: T strips at once keep T·M chains in flight,
+// enough to hide the FMA latency (4 rows alone leave the FMA units half idle at r = 16).
+template <int M, int T, typename scalar_t, typename acc_t>
+REFT_ROW_INLINE void edit_strips(const acc_t* const* x, const acc_t* const* z, const acc_t* Q,
+                                 int64_t d, int64_t r, int64_t j, scalar_t* const* y) {
+  constexpr int V = Vec<acc_t>::kLanes;
+  vec_t<acc_t> strip[T][M];
+  for (int t = 0; t < T; ++t) {
+    for (int i = 0; i < M; ++i) strip[t][i] = load_vec(x[i] + j + t * V);
+  }
+  for (int64_t k = 0; k < r; ++k) {
+    vec_t<acc_t> qj[T];
+    for (int t = 0; t < T; ++t) qj[t] = load_vec(Q + k * d + j + t * V);
+    for (int i = 0; i < M; ++i) {
+      const acc_t zk = z[i][k];
+      for (int t = 0; t < T; ++t) strip[t][i] += zk * qj[t];
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    for (int i = 0; i < M; ++i) narrow_vec<scalar_t, acc_t>(strip[t][i], y[i] + j + t * V);
+  }
 }
 
 // y[i] = x[i] + Σ_k z[i][k] Q[k, :] for the M rows, written in y's dtype; each strip of y once.
@@ -79,15 +128,9 @@ REFT_ROW_INLINE void edit_rows(const acc_t* const* x, const acc_t* const* z, con
                                int64_t d, int64_t r, scalar_t* const* y) {
   constexpr int V = Vec<acc_t>::kLanes;
   const int64_t full = d - d % V;
-  for (int64_t j = 0; j < full; j += V) {
-    vec_t<acc_t> strip[M];
-    for (int i = 0; i < M; ++i) strip[i] = load_vec(x[i] + j);
-    for (int64_t k = 0; k < r; ++k) {
-      const vec_t<acc_t> qj = load_vec(Q + k * d + j);
-      for (int i = 0; i < M; ++i) strip[i] += z[i][k] * qj;
-    }
-    for (int i = 0; i < M; ++i) narrow_vec<scalar_t, acc_t>(strip[i], y[i] + j);
-  }
+  int64_t j = 0;
+  for (; j + 2 * V <= full; j += 2 * V) edit_strips<M, 2>(x, z, Q, d, r, j, y);
+  if (j < full) edit_strips<M, 1>(x, z, Q, d, r, j, y);
   for (int i = 0; i < M; ++i) {
     for (int64_t j = full; j < d; ++j) {
       acc_t value = x[i][j];
@@ -97,21 +140,45 @@ REFT_ROW_INLINE void edit_rows(const acc_t* const* x, const acc_t* const* z, con
   }
 }
 
-// acc[k, :] += Σ_i c[i][k] x[i] for every k < r: the outer-product sums of ∂P and ∂Q.
+// acc[k, :] += Σ_i c[i][k] x[i] for every k < r: the outer-product sums of ∂P and ∂Q. By column
+// chunks, as the projections: the M rows' chunk stays in L1 across the r ranks. The row pointers
+// and coefficients are copied into locals first: through the caller's arrays the compiler must
+// assume each store into acc may change them and reloads them for every strip.
 template <int M, typename acc_t>
 REFT_ROW_INLINE void accumulate_rows(acc_t* acc, const acc_t* const* c, const acc_t* const* x,
                                      int64_t d, int64_t r) {
   constexpr int V = Vec<acc_t>::kLanes;
   const int64_t full = d - d % V;
+  const acc_t* xs[M];
+  for (int i = 0; i < M; ++i) xs[i] = x[i];
+  for (int64_t j0 = 0; j0 < full; j0 += kProjectChunk) {
+    const int64_t j1 = std::min(full, j0 + kProjectChunk);
+    for (int64_t k = 0; k < r; ++k) {
+      acc_t* a = acc + k * d;
+      acc_t ck[M];
+      for (int i = 0; i < M; ++i) ck[i] = c[i][k];
+      int64_t j = j0;
+      // Two strips per step: each strip's M additions are a dependent chain.
+      for (; j + 2 * V <= j1; j += 2 * V) {
+        vec_t<acc_t> lo = load_vec(a + j), hi = load_vec(a + j + V);
+        for (int i = 0; i < M; ++i) {
+          lo += ck[i] * load_vec(xs[i] + j);
+          hi += ck[i] * load_vec(xs[i] + j + V);
+        }
+        store_vec(a + j, lo);
+        store_vec(a + j + V, hi);
+      }
+      if (j < j1) {
+        vec_t<acc_t> strip = load_vec(a + j);
+        for (int i = 0; i < M; ++i) strip += ck[i] * load_vec(xs[i] + j);
+        store_vec(a + j, strip);
+      }
+    }
+  }
   for (int64_t k = 0; k < r; ++k) {
     acc_t* a = acc + k * d;
-    for (int64_t j = 0; j < full; j += V) {
-      vec_t<acc_t> strip = load_vec(a + j);
-      for (int i = 0; i < M; ++i) strip += c[i][k] * load_vec(x[i] + j);
-      store_vec(a + j, strip);
-    }
     for (int64_t j = full; j < d; ++j) {
-      for (int i = 0; i < M; ++i) a[j] += c[i][k] * x[i][j];
+      for (int i = 0; i < M; ++i) a[j] += c[i][k] * xs[i][j];
     }
   }
 }
