@@ -561,8 +561,8 @@ def test_bench_pyreft_step_providers_train_pyrefts_class_and_ours():
     calls = pyreft_step_calls(PyreftStepCase(T=8), torch.device("cpu"))
     assert list(calls) == ["frozen", "pyreft", "swap"]
     assert pyreft.LoreftIntervention is original
-    (grad,) = calls["frozen"]()
-    assert grad.shape == (2, 8, 64) and grad.abs().sum() > 0
+    (grad,) = calls["frozen"]()  # of the zero added to block 0's output: its backward depth
+    assert grad.shape == (64,) and grad.abs().sum() > 0
     for provider, kind in (("pyreft", original), ("swap", DROP_INS["LoreftIntervention"])):
         step = calls[provider]
         reft = step.reft_model

@@ -608,8 +608,9 @@ class PyreftStepCase(Case):
 def pyreft_step_calls(case: PyreftStepCase, device: torch.device) -> dict:
     """Zero-argument callables per provider, on one model with the same weights and batch:
 
-    - ``frozen``: the model's forward+backward (gradient w.r.t. the input embeddings: the same
-      backward depth as the interventions', with nothing to update);
+    - ``frozen``: the model's forward+backward down to block 0's output (the gradient of a zero
+      added there: the interventions' backward depth, with nothing to update; a gradient of the
+      input embeddings would also run block 0's backward, which the interventions do not need);
     - ``pyreft``: pyreft's ReftModel with its ``LoreftIntervention`` (float32) at blocks 0-3,
       forward with unit_locations, backward, AdamW step;
     - ``swap``: the same, built after ``reft_ext.integrations.pyreft.apply()`` (our drop-in).
@@ -652,11 +653,20 @@ def pyreft_step_calls(case: PyreftStepCase, device: torch.device) -> dict:
         step.reft_model = reft  # for inspection (tests)
         return step
 
-    frozen_embeds = embeds.clone().requires_grad_()
+    anchor = torch.zeros(d, device=device, requires_grad=True)
+
+    def add_anchor(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + anchor, *output[1:])
+        return output + anchor
 
     def frozen():
-        loss = model(inputs_embeds=frozen_embeds, labels=labels).loss
-        return torch.autograd.grad(loss, frozen_embeds)
+        handle = model.model.layers[0].register_forward_hook(add_anchor)
+        try:
+            loss = model(inputs_embeds=embeds, labels=labels).loss
+        finally:
+            handle.remove()
+        return torch.autograd.grad(loss, anchor)
 
     theirs = build()
     with apply():
