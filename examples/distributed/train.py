@@ -141,6 +141,7 @@ def main() -> None:
     written = reft_model.save_pretrained(args.out)
     if is_main_process():
         print(f"rank {rank} wrote {[str(p) for p in written]}")
+    dist.barrier()  # leave the group together: no rank tears it down under another's feet
     dist.destroy_process_group()
 
 

@@ -100,6 +100,7 @@ def main():
         raise SystemExit(f"unknown mode {mode!r}")
     result["interventions"] = state
     torch.save(result, out / f"rank{rank}.pt")
+    dist.barrier()  # leave together (see tests/distributed/worker.py)
     dist.destroy_process_group()
 
 

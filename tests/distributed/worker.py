@@ -116,6 +116,9 @@ def main():
         raise SystemExit(f"unknown mode {mode!r}")
     result["interventions"] = common.interventions(reft_model)
     torch.save(result, out / f"rank{rank}.pt")
+    # Leave the group together: a rank that tears its gloo pairs down while the other is still
+    # finishing (the Trainer's last saves) can abort that one's exit ("terminate called").
+    dist.barrier()
     dist.destroy_process_group()
 
 
