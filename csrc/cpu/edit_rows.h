@@ -41,11 +41,12 @@ constexpr int kRowBlock = 4;
 // and edits still go 4 rows at a time, which keeps their accumulators in registers.)
 constexpr int kBackwardRowBlock = 8;
 
-// The projections sweep the rows once per pair of ranks. Swept whole, 4 rows of d = 2048 floats
-// (32 KiB) and the two rows of P leave L1 before the next pair comes back to them; swept in column
-// chunks of kProjectChunk (4 rows: 8 KiB), every pair of a rank group reuses the chunk from L1.
-// Each accumulator still adds its strips in increasing column order, so the sums are unchanged.
-constexpr int64_t kProjectChunk = 512;
+// The projections sweep the rows once per pair of ranks, the parameter sums once per rank. Swept
+// whole, 4 rows of d = 2048 floats (32 KiB) and the two rows of P leave L1 before the next pair
+// comes back to them; swept in column chunks of kColumnChunk (4 rows: 8 KiB), every pair of a rank
+// group reuses the chunk from L1. Each accumulator still adds its strips in increasing column
+// order, so the sums are unchanged.
+constexpr int64_t kColumnChunk = 512;
 // Ranks whose accumulators are kept (on the stack) across the chunks of one group.
 constexpr int kRankGroup = 16;
 
@@ -80,8 +81,8 @@ REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const a
   for (int64_t k0 = 0; k0 < r; k0 += kRankGroup) {
     const int ranks = static_cast<int>(std::min<int64_t>(kRankGroup, r - k0));
     vec_t<acc_t> lane[kRankGroup][M] = {};
-    for (int64_t j0 = 0; j0 < full; j0 += kProjectChunk) {
-      const int64_t j1 = std::min(full, j0 + kProjectChunk);
+    for (int64_t j0 = 0; j0 < full; j0 += kColumnChunk) {
+      const int64_t j1 = std::min(full, j0 + kColumnChunk);
       int q = 0;
       for (; q + 2 <= ranks; q += 2) project_strips<M, 2>(x, P, d, k0 + q, j0, j1, lane + q);
       if (q < ranks) project_strips<M, 1>(x, P, d, k0 + q, j0, j1, lane + q);
@@ -140,6 +141,20 @@ REFT_ROW_INLINE void edit_rows(const acc_t* const* x, const acc_t* const* z, con
   }
 }
 
+// The strips [j, j + T·V) of a += Σ_i c[i] x[i] for the M rows. Each strip's M additions are a
+// dependent chain: T strips at once keep T chains in flight.
+template <int M, int T, typename acc_t>
+REFT_ROW_INLINE void accumulate_strips(acc_t* a, const acc_t (&c)[M], const acc_t* const (&x)[M],
+                                       int64_t j) {
+  constexpr int V = Vec<acc_t>::kLanes;
+  vec_t<acc_t> strip[T];
+  for (int t = 0; t < T; ++t) strip[t] = load_vec(a + j + t * V);
+  for (int i = 0; i < M; ++i) {
+    for (int t = 0; t < T; ++t) strip[t] += c[i] * load_vec(x[i] + j + t * V);
+  }
+  for (int t = 0; t < T; ++t) store_vec(a + j + t * V, strip[t]);
+}
+
 // acc[k, :] += Σ_i c[i][k] x[i] for every k < r: the outer-product sums of ∂P and ∂Q. By column
 // chunks, as the projections: the M rows' chunk stays in L1 across the r ranks. The row pointers
 // and coefficients are copied into locals first: through the caller's arrays the compiler must
@@ -151,28 +166,15 @@ REFT_ROW_INLINE void accumulate_rows(acc_t* acc, const acc_t* const* c, const ac
   const int64_t full = d - d % V;
   const acc_t* xs[M];
   for (int i = 0; i < M; ++i) xs[i] = x[i];
-  for (int64_t j0 = 0; j0 < full; j0 += kProjectChunk) {
-    const int64_t j1 = std::min(full, j0 + kProjectChunk);
+  for (int64_t j0 = 0; j0 < full; j0 += kColumnChunk) {
+    const int64_t j1 = std::min(full, j0 + kColumnChunk);
     for (int64_t k = 0; k < r; ++k) {
       acc_t* a = acc + k * d;
       acc_t ck[M];
       for (int i = 0; i < M; ++i) ck[i] = c[i][k];
       int64_t j = j0;
-      // Two strips per step: each strip's M additions are a dependent chain.
-      for (; j + 2 * V <= j1; j += 2 * V) {
-        vec_t<acc_t> lo = load_vec(a + j), hi = load_vec(a + j + V);
-        for (int i = 0; i < M; ++i) {
-          lo += ck[i] * load_vec(xs[i] + j);
-          hi += ck[i] * load_vec(xs[i] + j + V);
-        }
-        store_vec(a + j, lo);
-        store_vec(a + j + V, hi);
-      }
-      if (j < j1) {
-        vec_t<acc_t> strip = load_vec(a + j);
-        for (int i = 0; i < M; ++i) strip += ck[i] * load_vec(xs[i] + j);
-        store_vec(a + j, strip);
-      }
+      for (; j + 2 * V <= j1; j += 2 * V) accumulate_strips<M, 2>(a, ck, xs, j);
+      if (j < j1) accumulate_strips<M, 1>(a, ck, xs, j);
     }
   }
   for (int64_t k = 0; k < r; ++k) {
