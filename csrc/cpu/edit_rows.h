@@ -60,9 +60,14 @@ REFT_ROW_INLINE void project_strips(const acc_t* const* x, const acc_t* P, int64
     for (int i = 0; i < M; ++i) acc[q][i] = lane[q][i];
   }
   for (int64_t j = j0; j < j1; j += V) {
+    // Each row's strip is loaded once into a register and feeds K accumulators: as memory
+    // operands of the FMAs it would be loaded once per rank, and the loads, not the FMAs, would
+    // be the limit (10 loads per 8 FMAs at K = 2, M = 4).
+    vec_t<acc_t> xj[M];
+    for (int i = 0; i < M; ++i) xj[i] = load_vec_once(x[i] + j);
     for (int q = 0; q < K; ++q) {
       const vec_t<acc_t> wj = load_vec(P + (k + q) * d + j);
-      for (int i = 0; i < M; ++i) acc[q][i] += load_vec(x[i] + j) * wj;
+      for (int i = 0; i < M; ++i) acc[q][i] += xj[i] * wj;
     }
   }
   for (int q = 0; q < K; ++q) {

@@ -30,6 +30,15 @@ REFT_ROW_INLINE vec_t<acc_t> load_vec(const acc_t* src) {
   return v;
 }
 
+// load_vec, but as one load into a register: a value used by several FMAs is otherwise folded
+// into each of them as a memory operand (GCC does), one load per FMA. The volatile access must
+// happen exactly once, so it cannot be folded or repeated.
+template <typename acc_t>
+REFT_ROW_INLINE vec_t<acc_t> load_vec_once(const acc_t* src) {
+  typedef acc_t unaligned_t __attribute__((vector_size(kVectorBytes), aligned(alignof(acc_t))));
+  return *reinterpret_cast<const volatile unaligned_t*>(src);
+}
+
 template <typename acc_t>
 REFT_ROW_INLINE void store_vec(acc_t* dst, vec_t<acc_t> v) {
   std::memcpy(dst, &v, sizeof(v));
