@@ -3,6 +3,10 @@
 // op in reft_ext/ops.py.
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa_dispatch.h"
+
 TORCH_LIBRARY(reft_ext, m) {
   // out = h + (h Pᵀ + b) Q for h (N, d); also returns z = h Pᵀ + b (N, r), saved for backward.
   m.def("lowrank_edit_forward(Tensor h, Tensor P, Tensor Q, Tensor b) -> (Tensor out, Tensor z)");
@@ -40,4 +44,9 @@ TORCH_LIBRARY(reft_ext, m) {
   // retract_ on every tensor of Rs (one dtype and device; shapes may differ), in one call: the
   // multi-tensor form, with no stacking or copying back.
   m.def("retract_list_(Tensor(a!)[] Rs, str method, bool check_finite=False) -> ()");
+  // The CPU kernels' variant this process runs: "portable", "avx2" or "avx512"
+  // (csrc/cpu/isa_dispatch.h). No tensor arguments, so one kernel for every backend.
+  m.def("cpu_kernels() -> str", [] {
+    return std::string(reft_ext::kCpuKernelNames[static_cast<int>(reft_ext::chosen_cpu_kernels())]);
+  });
 }

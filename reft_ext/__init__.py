@@ -20,7 +20,7 @@ from . import ops  # noqa: F401  (loads the compiled library and registers fake 
 from .functional import direft, loreft, lowrank_edit, lowrank_edit_act, lowrank_edit_multi
 from .hf import ReftConfig, ReftModel, get_reft_model
 from .modules import ConsReFT, DiReFT, LoBiReFT, LoReFT, NoReFT
-from .ops import cuda_available
+from .ops import cpu_kernels, cuda_available
 from .retraction import (
     StiefelParameter,
     auto_retraction,
@@ -46,6 +46,7 @@ __all__ = [
     "keep_orthonormal",
     "mark_stiefel",
     "__version__",
+    "cpu_kernels",
     "cuda_available",
     "direft",
     "get_reft_model",

@@ -39,6 +39,18 @@ def cuda_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("reft_ext::lowrank_edit_forward", "CUDA")
 
 
+def cpu_kernels() -> str:
+    """The build of the CPU kernels this process runs: ``"avx512"`` (AVX-512 F/BW/VL: 32 vector
+    registers, wider register tiles), ``"avx2"`` (AVX2 + FMA) or ``"portable"`` (any CPU).
+
+    The best one this CPU supports, chosen once per process; the environment variable
+    ``REFT_EXT_CPU_KERNELS`` (``portable``, ``avx2`` or ``avx512``) caps it, e.g. to test the path
+    a smaller CPU takes. Every variant computes the same sums in the same order per element;
+    only the portable build, which has no FMA, rounds differently.
+    """
+    return torch.ops.reft_ext.cpu_kernels()
+
+
 # lowrank_edit_forward -----------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from cpu_variants import VARIANTS, best_variant, run_forced
 from truth import (
     assert_close_rel,
     max_abs_err,
@@ -18,6 +19,8 @@ from truth import (
     truth_direft,
     truth_loreft,
     truth_lowrank_edit,
+    truth_lowrank_edit_act,
+    truth_multi_and_grads,
 )
 
 import reft_ext
@@ -281,47 +284,101 @@ def test_low_precision_rows_round_like_torch(device, dtype, d):
     assert torch.equal(out, h)
 
 
-_PORTABLE_SCRIPT = """
-import sys, torch, reft_ext
+_VARIANT_SCRIPT = """
+import sys, torch
 inputs = torch.load(sys.argv[1])
+ops = torch.ops.reft_ext
 results = []
-for h, P, Q, b, g in inputs:
-    out, z = torch.ops.reft_ext.lowrank_edit_forward(h, P, Q, b)
-    grads = torch.ops.reft_ext.lowrank_edit_backward(g, h, P, Q, z, [True] * 4)
+for h, P, Q, b, g, P2, b2, adapter in inputs:
+    out, z = ops.lowrank_edit_forward(h, P, Q, b)
+    plain = (out, *ops.lowrank_edit_backward(g, h, P, Q, z, [True] * 4))
+    out, v, z = ops.lowrank_edit_act_forward(h, P2, Q, b2, "gelu")
+    act = (out, *ops.lowrank_edit_act_backward(g, h, P2, Q, v, z, "gelu", [True] * 4))
+    Pm, Qm, bm = (torch.stack([t, 2 * t, -t]) for t in (P, Q, b))
+    out, z = ops.lowrank_edit_multi_forward(h, Pm, Qm, bm, adapter)
+    multi = (out, *ops.lowrank_edit_multi_backward(g, h, Pm, Qm, z, adapter, [True] * 4))
     R = torch.randn(2, P.shape[0], P.shape[1], dtype=P.dtype)
     reft_ext.retract_(R)
-    results.append((out, *grads, R))
+    results.append((plain, act, multi, R))
 torch.save(results, sys.argv[2])
 """
 
+# Shapes that reach every row and column blocking of the CPU kernels (csrc/cpu/edit_rows.h): row
+# blocks and tail rows, 4-, 2- and 1-strip edit steps and tail columns, several column chunks,
+# rank groups of 16 and their tails.
+VARIANT_SHAPES = [(9, 37, 3), (4, 64, 1), (6, 16, 5), (5, 120, 17), (11, 1037, 33)]
+
 
 @pytest.mark.parametrize("dtype, acc", RAW_DTYPES[:3], ids=["fp32", "fp64", "bf16"])
-def test_portable_cpu_kernels_match_truth(tmp_path, dtype, acc):
-    """REFT_EXT_CPU_KERNELS=portable: the build for CPUs without AVX2 (here forced in a child
-    process) gives the float64 truth too, for row blocks, tail rows and tail columns, column
-    chunks and rank groups."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cpu_kernel_variants_match_truth(tmp_path, variant, dtype, acc):
+    """Each build of the CPU kernels (portable, AVX2, AVX-512; forced in a child process) gives the
+    float64 truth for the plain, activated and multi-adapter ops, forward and backward, and
+    orthonormal rows from the retraction."""
     inputs = []
-    for N, d, r in [(9, 37, 3), (4, 64, 1), (6, 16, 5), (11, 1037, 33)]:
+    for N, d, r in VARIANT_SHAPES:
         h, P, Q, b = _raw_inputs(dtype, acc, "cpu", N=N, d=d, r=r)
-        inputs.append((h, P, Q, b, torch.randn_like(h)))
-    torch.save(inputs, tmp_path / "inputs.pt")
-    env = {**os.environ, "REFT_EXT_CPU_KERNELS": "portable"}
-    subprocess.run(
-        [sys.executable, "-c", _PORTABLE_SCRIPT, tmp_path / "inputs.pt", tmp_path / "out.pt"],
-        env=env,
-        check=True,
-        timeout=120,
-    )
-    for (h, P, Q, b, g), (out, *grads, R) in zip(
-        inputs, torch.load(tmp_path / "out.pt"), strict=True
+        P2, b2 = torch.randn(2 * r, d, dtype=acc), torch.randn(2 * r, dtype=acc)
+        adapter = torch.tensor([(-1, 0, 1, 2, 1)[i % 5] for i in range(N)])
+        inputs.append((h, P, Q, b, torch.randn_like(h), P2, b2, adapter))
+    results = run_forced(variant, "import reft_ext\n" + _VARIANT_SCRIPT, inputs, tmp_path)
+    for (h, P, Q, b, g, P2, b2, adapter), (plain, act, multi, R) in zip(
+        inputs, results, strict=True
     ):
         leaves = [t.double().requires_grad_() for t in (h, P, Q, b)]
         expected = truth_lowrank_edit(*leaves)
-        wanted = (expected.detach(), *torch.autograd.grad(expected, leaves, g.double()))
-        for got, want in zip((out, *grads), wanted, strict=True):
-            # bfloat16 results (out, ∂h) carry one rounding to 8 significant bits.
-            assert_close_rel(got, want, rel=2.0**-7 if got.dtype == torch.bfloat16 else None)
+        plain_truth = (expected.detach(), *torch.autograd.grad(expected, leaves, g.double()))
+        r = Q.shape[0]
+        leaves = [t.double().requires_grad_() for t in (h, P2, Q, b2)]
+        h64, P64, Q64, b64 = leaves
+        expected = truth_lowrank_edit_act(h64, P64[:r], b64[:r], Q64, "gelu", S=P64[r:], c=b64[r:])
+        act_truth = (expected.detach(), *torch.autograd.grad(expected, leaves, g.double()))
+        Pm, Qm, bm = (torch.stack([t, 2 * t, -t]) for t in (P, Q, b))
+        out64, grads64 = truth_multi_and_grads((h, Pm, Qm, bm), adapter, g)
+        for got_all, want_all in [
+            (plain, plain_truth),
+            (act, act_truth),
+            (multi, (out64, *grads64)),
+        ]:
+            for got, want in zip(got_all, want_all, strict=True):
+                # bfloat16 results (out, ∂h) carry one rounding to 8 significant bits.
+                assert_close_rel(got, want, rel=2.0**-7 if got.dtype == torch.bfloat16 else None)
         assert orth_error(R) < 1e-5
+
+
+def test_cpu_kernels_default_is_the_best_this_cpu_runs(tmp_path):
+    """Unforced, the library runs the most capable variant /proc/cpuinfo's flags allow."""
+    env = {k: v for k, v in os.environ.items() if k != "REFT_EXT_CPU_KERNELS"}
+    script = "import reft_ext; print(reft_ext.cpu_kernels())"
+    chosen = (
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, check=True, timeout=60, capture_output=True
+        )
+        .stdout.decode()
+        .strip()
+    )
+    assert chosen == best_variant()
+
+
+def test_unknown_cpu_kernels_name_is_an_error(tmp_path):
+    """REFT_EXT_CPU_KERNELS with a name that is not a variant fails naming the choices."""
+    script = (
+        "import torch, reft_ext\n"
+        "try:\n"
+        "    x = torch.randn(2, 8)\n"
+        "    reft_ext.loreft(x, torch.randn(1, 8), torch.randn(1, 8), torch.randn(1))\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "REFT_EXT_CPU_KERNELS": "sse9"},
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    message = result.stdout.decode()
+    assert "REFT_EXT_CPU_KERNELS must be portable, avx2 or avx512" in message and "sse9" in message
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,12 +6,10 @@ torch.linalg.svd, and the tangent projection G − sym(G Rᵀ) R written with ei
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from cpu_variants import VARIANTS, run_forced
 from truth import max_rel, orth_error, orth_errors, polar_truth, qr_truth
 
 import reft_ext
@@ -97,8 +95,8 @@ def test_polar_matches_svd_and_is_closest(device, shape, dtype):
 
 # Shapes that reach every blocking of the CPU passes (csrc/cpu/retraction_passes.h): Gram pairs four
 # at a time plus a remainder (r % 4 != 0), several column chunks (r rows of d beyond one 16 KiB
-# chunk), solve blocks of 64 columns plus a tail, and d % 8 != 0 tails. Run in this process (the
-# CPU's best variant) and in a child process forcing the portable build.
+# chunk), solve blocks of 64 columns plus a tail, and d % 8 != 0 tails. Run in a child process per
+# build of the CPU kernels (tests/cpu_variants.py).
 BLOCKING_SHAPES = [(5, 1030), (33, 200), (9, 130), (64, 300)]
 BLOCKING_TOL = {torch.float64: 1e-12, torch.float32: 1e-4}
 _RETRACT_SCRIPT = """
@@ -108,7 +106,7 @@ torch.save([reft_ext.retract_(R.clone(), method) for R, method in inputs], sys.a
 """
 
 
-@pytest.mark.parametrize("variant", ["this-cpu", "portable"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_cpu_pass_blockings_match_truth(tmp_path, variant):
     cases = [
         (torch.randn(shape, dtype=torch.float64).to(dtype), method)
@@ -116,14 +114,7 @@ def test_cpu_pass_blockings_match_truth(tmp_path, variant):
         for dtype in (torch.float64, torch.float32)
         for method in ("cholqr2", "polar")
     ]
-    if variant == "this-cpu":
-        results = [reft_ext.retract_(R.clone(), method) for R, method in cases]
-    else:
-        torch.save(cases, tmp_path / "in.pt")
-        env = {**os.environ, "REFT_EXT_CPU_KERNELS": "portable"}
-        script = [sys.executable, "-c", _RETRACT_SCRIPT, tmp_path / "in.pt", tmp_path / "out.pt"]
-        subprocess.run(script, env=env, check=True, timeout=120)
-        results = torch.load(tmp_path / "out.pt")
+    results = run_forced(variant, _RETRACT_SCRIPT, cases, tmp_path)
     for (R0, method), R in zip(cases, results, strict=True):
         truth = polar_truth(R0) if method == "polar" else qr_truth(R0)
         assert orth_error(R) <= ORTH_TOL[R0.dtype], (R0.shape, R0.dtype, method)

@@ -28,7 +28,8 @@ void run_forward(const at::Tensor& h, const at::Tensor& P, const at::Tensor& Q, 
   const int64_t N = h.size(0), d = h.size(1), r = Q.size(0);
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto rows = isa_variant<&forward_rows<scalar_t>>();
+    const auto rows =
+        isa_variant<&forward_rows<scalar_t>, &forward_rows<scalar_t, cpu::kWideEditStrips>>();
     const ForwardArgs<scalar_t> args{
         h.const_data_ptr<scalar_t>(),
         P.const_data_ptr<acc_t>(),
@@ -61,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   auto partials = at::zeros({want_params ? groups : 0, partial_size}, P.options());
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto rows = isa_variant<&backward_rows<scalar_t>>();
+    const auto rows =
+        isa_variant<&backward_rows<scalar_t>, &backward_rows<scalar_t, cpu::kWideEditStrips>>();
     const BackwardArgs<scalar_t> args{
         grad_out.const_data_ptr<scalar_t>(),
         h.const_data_ptr<scalar_t>(),

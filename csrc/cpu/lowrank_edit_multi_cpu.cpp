@@ -87,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor> lowrank_edit_multi_forward_cpu(const at::Tens
   }
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_multi_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto rows = isa_variant<&cpu::forward_rows<scalar_t>>();
+    const auto rows = isa_variant<&cpu::forward_rows<scalar_t>,
+                                  &cpu::forward_rows<scalar_t, cpu::kWideEditStrips>>();
     const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
@@ -146,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_edit_multi_ba
   auto partials = at::zeros({want_params ? first_group[A] : 0, partial_size}, P.options());
   REFT_DISPATCH_SUPPORTED(h.scalar_type(), "lowrank_edit_multi_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto rows = isa_variant<&cpu::backward_rows<scalar_t>>();
+    const auto rows = isa_variant<&cpu::backward_rows<scalar_t>,
+                                  &cpu::backward_rows<scalar_t, cpu::kWideEditStrips>>();
     acc_t* partial_ptr = partials.mutable_data_ptr<acc_t>();
     scalar_t* grad_h = grads.want_h() ? grads.grad_h.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {

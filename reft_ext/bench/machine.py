@@ -21,8 +21,10 @@ def cpu_name() -> str:
 
 
 def machine_info(device: torch.device) -> dict:
-    """Date (UTC), device, GPU name (None on CPU), CPU model and count, torch threads, and the
-    torch, CUDA and Python versions."""
+    """Date (UTC), device, GPU name (None on CPU), CPU model and count, the CPU kernels' build
+    (:func:`reft_ext.cpu_kernels`), torch threads, and the torch, CUDA and Python versions."""
+    from ..ops import cpu_kernels
+
     device = torch.device(device)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -30,6 +32,7 @@ def machine_info(device: torch.device) -> dict:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_kernels": cpu_kernels(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
