@@ -12,12 +12,13 @@ at d = 4096 in float32) per intervention.
 
 :class:`HouseholderOrthogonal` computes the same function of X with ``base`` kept as the r
 Householder reflectors of ``geqrf(R₀ᵀ)`` (with its signs), applied by ``torch.ormqr``, and HH(X)
-by :class:`_HouseholderColumns`, whose backward walks the r reflectors (torch's own
-``householder_product`` backward builds d×d matrices: 1.1 s at d = 4096, r = 8 on one CPU thread):
-O(d·r²) per read, forward and backward, and O(d·r²) memory. The base's first r columns are R₀ᵀ
-as torch's are; its other d − r columns, which torch draws at random, are the reflectors' own
-completion, so for a given X the two parametrizations differ only by a rotation of the orthogonal
-complement of R₀'s row space, and with the same ``base`` they are the same function (tested).
+by :func:`householder_columns` in the compact (UT) form of the reflectors' product, whose backward
+needs no d×d matrix (torch's own ``householder_product`` backward builds them: 1.1 s at d = 4096,
+r = 8 on one CPU thread): O(d·r²) per read, forward and backward, and O(d·r²) memory. The base's
+first r columns are R₀ᵀ as torch's are; its other d − r columns, which torch draws at random, are
+the reflectors' own completion, so for a given X the two parametrizations differ only by a
+rotation of the orthogonal complement of R₀'s row space, and with the same ``base`` they are the
+same function (tested).
 
 Like torch's (and so pyreft's), the map multiplies column i by ``int(X[i, i])``, which autograd
 does not differentiate: the diagonal starts at −1 and an optimizer leaves it there, but weight
@@ -31,55 +32,23 @@ import torch
 from torch import nn
 
 
-class _HouseholderColumns(torch.autograd.Function):
-    """The first r columns of H_1 ⋯ H_r, H_i = I − τ_i v_i v_iᵀ with v_i = e_i + A[:, i]
-    (``torch.linalg.householder_product(A, tau)`` for A (d, r) strictly lower triangular), with
-    an O(d·r²) backward.
-
-    Forward applies H_r, …, H_1 to [I_r; 0] and keeps each H_i's input Y_{i+1} (r matrices d×r).
-    Backward, for Y_i = Y_{i+1} − τ_i v_i w_iᵀ with w_i = Y_{i+1}ᵀ v_i and G_i = ∂L/∂Y_i:
-    ∂L/∂Y_{i+1} = G_i − τ_i v_i (v_iᵀ G_i), ∂L/∂v_i = −τ_i (G_i w_i + Y_{i+1} G_iᵀ v_i),
-    ∂L/∂τ_i = −v_iᵀ G_i w_i; ∂L/∂A[:, i] is ∂L/∂v_i below the diagonal.
-    """
-
-    @staticmethod
-    def forward(A: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        d, r = A.shape
-        V = A.tril(-1) + torch.eye(d, r, dtype=A.dtype, device=A.device)
-        Y = torch.eye(d, r, dtype=A.dtype, device=A.device)
-        inputs = []
-        for i in reversed(range(r)):
-            inputs.append(Y)
-            v = V[:, i]
-            Y = Y - tau[i] * torch.outer(v, v @ Y)
-        return Y, V, torch.stack(inputs[::-1])  # inputs[i]: H_i's input
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, V, Ys = output
-        ctx.save_for_backward(inputs[1], V, Ys)
-        ctx.mark_non_differentiable(V, Ys)
-
-    @staticmethod
-    def backward(ctx, G, _grad_V, _grad_Ys):
-        tau, V, Ys = ctx.saved_tensors
-        d, r = V.shape
-        grad_V = torch.empty_like(V)
-        grad_tau = torch.empty_like(tau)
-        for i in range(r):
-            v, Y = V[:, i], Ys[i]
-            w = v @ Y  # (r,)
-            Gv = v @ G  # (r,) = G_iᵀ v
-            grad_tau[i] = -(Gv @ w)
-            grad_V[:, i] = -tau[i] * (G @ w + Y @ Gv)
-            G = G - tau[i] * torch.outer(v, Gv)
-        return grad_V.tril(-1), grad_tau
-
-
 def householder_columns(A: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.householder_product(A, tau)`` for A (d, r), d ≥ r, strictly lower
-    triangular (the diagonal is the implied 1), with an O(d·r²) backward; (d, r)."""
-    return _HouseholderColumns.apply(A, tau)[0]
+    triangular (the diagonal is the implied 1): the first r columns of H_1 ⋯ H_r, H_i = I − τ_i
+    v_i v_iᵀ with v_i = e_i + A[:, i]; (d, r).
+
+    In the compact form of the UT transform (Joffrain et al., 2006), H_1 ⋯ H_r = I − V S⁻¹ Vᵀ with
+    S = diag(1/τ) + striu(VᵀV) upper triangular (exact for τ_i = 2 / ‖v_i‖², as here), so the
+    columns are [I; 0] − V S⁻¹ V[:r]ᵀ: a Gram matrix, an r×r triangular solve and a product, with
+    autograd's backward through them, O(d·r²) either way and a fixed number of ops whatever r
+    (torch's own ``householder_product`` backward builds d×d matrices: 1.1 s at d = 4096, r = 8 on
+    one CPU thread).
+    """
+    d, r = A.shape
+    V = A.tril(-1) + torch.eye(d, r, dtype=A.dtype, device=A.device)
+    S = (V.mT @ V).triu(1) + torch.diag(tau.reciprocal())
+    M = torch.linalg.solve_triangular(S, V[:r].mT, upper=True)  # S⁻¹ V[:r]ᵀ (r, r)
+    return torch.eye(d, r, dtype=A.dtype, device=A.device) - V @ M
 
 
 class HouseholderOrthogonal(nn.Module):

@@ -6,7 +6,11 @@ module is skipped as a whole.
 
 import contextlib
 import copy
+import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ pyreft = pytest.importorskip("pyreft")
 transformers = pytest.importorskip("transformers")
 
 from tiny_models import tiny_llama  # noqa: E402
+from torch.nn.utils.parametrize import is_parametrized  # noqa: E402
 from truth import max_rel, orth_error  # noqa: E402
 
 from reft_ext.integrations.pyreft import (  # noqa: E402
@@ -58,7 +63,7 @@ def _trainable_grads(module, h, out, g):
     named = {
         n.replace("learned_source", "source").replace("proj_layer", "proj"): p
         for n, p in module.named_parameters()
-        if "rotate_layer" not in n and n != "R"
+        if "rotate_layer" not in n and not n.startswith("rotation.")
     }
     grads = torch.autograd.grad(out, [h, *named.values()], g, allow_unused=True)
     return dict(zip(["h", *named], grads, strict=True))
@@ -157,15 +162,22 @@ def test_drop_in_bad_keywords_are_named():
     assert relu.act_fn is torch.relu  # a callable is taken as it is
 
 
-def test_drop_in_nested_state_dict_round_trip():
+@pytest.mark.parametrize("orthogonality", ["householder", "retraction"])
+def test_drop_in_nested_state_dict_round_trip(orthogonality):
     """Inside another module, a drop-in saves pyreft's keys under its prefix and a strict load of
-    that state restores it exactly; a missing tensor is an error naming it."""
-    holder = torch.nn.ModuleDict({"a": DROP_INS["ConsreftIntervention"](**_kw())})
+    that state restores it (exactly for a plain R; a parametrized R restarts its parametrization
+    at the loaded value, which it then computes to rounding); a missing tensor is an error naming
+    it."""
+    kw = _kw(orthogonality=orthogonality)
+    holder = torch.nn.ModuleDict({"a": DROP_INS["ConsreftIntervention"](**kw)})
     state = holder.state_dict()
     assert set(state) == {"a.embed_dim", "a.interchange_dim", "a.learned_source", "a.rotate_layer"}
-    other = torch.nn.ModuleDict({"a": DROP_INS["ConsreftIntervention"](**_kw())})
+    other = torch.nn.ModuleDict({"a": DROP_INS["ConsreftIntervention"](**kw)})
     other.load_state_dict(state)
-    assert torch.equal(other["a"].R, holder["a"].R)
+    if orthogonality == "retraction":
+        assert torch.equal(other["a"].R, holder["a"].R)
+    else:
+        assert max_rel(other["a"].R, holder["a"].R) <= 1e-6
     assert torch.equal(other["a"].learned_source, holder["a"].learned_source)
     del state["a.learned_source"]
     with pytest.raises(RuntimeError, match="a.learned_source"):
@@ -202,7 +214,12 @@ def test_pyreft_training_save_and_load_with_our_class(tmp_path):
     model = tiny_llama(hidden=EMBED, layers=4, vocab=64)
     reft_model = _pyreft_model(
         model,
-        lambda: LoreftIntervention(embed_dim=EMBED, low_rank_dimension=RANK, dtype=torch.float32),
+        lambda: LoreftIntervention(
+            embed_dim=EMBED,
+            low_rank_dimension=RANK,
+            dtype=torch.float32,
+            orthogonality="retraction",
+        ),
     )
     ids = torch.randint(0, 64, (2, 6))
     params = [p for p in reft_model.parameters() if p.requires_grad]
@@ -231,10 +248,14 @@ def test_pyreft_training_save_and_load_with_our_class(tmp_path):
         assert type(again) is LoreftIntervention
         # pyvene rebuilds each intervention with its default keywords, so the learned source
         # comes back in pyreft's default bfloat16 (as pyreft's own class does): the saved
-        # tensors, rounded to that dtype.
+        # tensors, rounded to that dtype; and with the default orthogonality ("householder"),
+        # whose parametrization restarts at the saved R and computes it to rounding.
         for name, value in module.state_dict().items():
             loaded = again.state_dict()[name]
-            assert torch.equal(loaded, value.to(loaded.dtype)), name
+            if name == "rotate_layer":
+                assert max_rel(loaded, value) <= 1e-6
+            else:
+                assert torch.equal(loaded, value.to(loaded.dtype)), name
         h = torch.randn(3, EMBED)
         assert max_rel(again.eval()(h), module.eval()(h)) <= 1e-2
     imported = load_pyreft_checkpoint(
@@ -394,8 +415,9 @@ class _StackCollator:
         return {k: torch.stack([torch.as_tensor(e[k]) for e in examples]) for k in examples[0]}
 
 
+@pytest.mark.parametrize("orthogonality", ["householder", "retraction"])
 @pytest.mark.parametrize("type_name", TYPES)
-def test_pyreft_trainer_after_apply_trains_ours_and_saves(tmp_path, type_name):
+def test_pyreft_trainer_after_apply_trains_ours_and_saves(tmp_path, type_name, orthogonality):
     """pyreft's own flow after the one-line swap: its class names build our drop-ins, pyreft's
     ReftTrainerForCausalLM (its optimizer made inside train(), AdamW with weight decay) lowers the
     loss and R stays orthonormal with no extra call; the save reloads through pyreft's
@@ -404,7 +426,7 @@ def test_pyreft_trainer_after_apply_trains_ours_and_saves(tmp_path, type_name):
 
     torch.manual_seed(0)
     model = tiny_llama(hidden=EMBED, layers=4, vocab=64)
-    with apply():
+    with apply(orthogonality=orthogonality):
         reft_model = _pyreft_model(
             model,
             lambda: getattr(pyreft, type_name)(
@@ -585,7 +607,7 @@ def test_bench_pyreft_step_providers_train_pyrefts_class_and_ours():
 def _give_pyrefts_base(theirs, ours) -> None:
     """Set pyreft's d×d ``base`` (its columns beyond r are random) to our parametrization's base,
     expanded to d×d, so that both compute the same function of the trained X."""
-    p = ours.parametrizations.R[0]
+    p = ours.rotation.parametrizations.R[0]
     if hasattr(p, "reflectors"):  # "householder": the base as r reflectors and their signs
         identity = torch.eye(EMBED, dtype=p.reflectors.dtype)
         flipped = torch.cat([identity[:RANK] * p.signs.unsqueeze(-1), identity[RANK:]])
@@ -606,7 +628,9 @@ def test_parametrized_drop_in_trains_as_pyrefts_class(orthogonality):
     theirs = _pyreft_intervention("LoreftIntervention")
     ours = DROP_INS["LoreftIntervention"](**_kw(), orthogonality=orthogonality)
     ours.load_state_dict(theirs.state_dict())  # pyreft's R; our parametrization restarts there
-    assert ours.orthogonality == orthogonality and not is_stiefel(ours.parametrizations.R.original)
+    assert ours.orthogonality == orthogonality and not is_stiefel(
+        ours.rotation.parametrizations.R.original
+    )
     _give_pyrefts_base(theirs, ours)
     R0 = ours.R.detach().clone()
     h = torch.randn(16, EMBED)
@@ -625,20 +649,28 @@ def test_parametrized_drop_in_trains_as_pyrefts_class(orthogonality):
 
 
 def test_apply_orthogonality_sets_the_drop_ins_default_until_remove():
-    """apply(orthogonality=...) is how pyreft's own code (which never passes the keyword) gets a
-    parametrized drop-in; remove() restores the default; bad values and a keyword on a class
-    without R are errors naming them."""
+    """The drop-ins' default is "householder" (pyreft's function of its parameter);
+    apply(orthogonality=...) is how pyreft's own code (which never passes the keyword) gets
+    another; remove() restores the default; bad values and a keyword on a class without R are
+    errors naming them."""
     from reft_ext.integrations.pyreft import apply
 
-    with apply(orthogonality="householder"):
-        module = pyreft.LoreftIntervention(**_kw())
+    default = pyreft.LoreftIntervention  # pyreft's own: the swap is not active here
+    assert default is not DROP_INS["LoreftIntervention"]
+    module = DROP_INS["LoreftIntervention"](**_kw())
+    assert module.orthogonality == "householder" and is_parametrized(module.rotation)
+    # Parametrized on a child, so the drop-in keeps its importable class (pyvene saves by name).
+    assert type(module) is DROP_INS["LoreftIntervention"]
+    with apply(orthogonality="retraction"):
+        plain_swapped = pyreft.LoreftIntervention(**_kw())
         free = pyreft.NoreftIntervention(**_kw())  # no R: the default does not apply to it
-    assert module.orthogonality == "householder" and hasattr(module, "parametrizations")
+    assert plain_swapped.orthogonality == "retraction"
+    assert not is_parametrized(plain_swapped.rotation) and is_stiefel(plain_swapped.R)
     assert free.orthogonality is None
-    assert DROP_INS["LoreftIntervention"](**_kw()).orthogonality == "retraction"
+    assert DROP_INS["LoreftIntervention"](**_kw()).orthogonality == "householder"
     state = module.state_dict()  # pyreft's form: R's value, no parametrization tensors
     assert "rotate_layer" in state and not any("parametrizations" in k for k in state)
-    plain = DROP_INS["LoreftIntervention"](**_kw())
+    plain = DROP_INS["LoreftIntervention"](**_kw(), orthogonality="retraction")
     plain.load_state_dict(state)
     assert torch.equal(plain.R, module.R.detach())
     with pytest.raises(ValueError, match=r"apply: orthogonality must be one of .* got 'qr'"):
@@ -647,3 +679,21 @@ def test_apply_orthogonality_sets_the_drop_ins_default_until_remove():
         DROP_INS["DireftIntervention"](**_kw(), orthogonality=None)
     with pytest.raises(ValueError, match="NoreftIntervention: orthogonality does not apply"):
         DROP_INS["NoreftIntervention"](**_kw(), orthogonality="householder")
+
+
+def test_pyreft_trainer_parity_study_runs_and_the_diagnostic_tracks_pyreft(tmp_path):
+    """examples/pyreft_parity/pyreft_trainer.py (3 steps, 1 seed): every variant starts from
+    pyreft's weights and data order (the script asserts both), and the drop-in given pyreft's own
+    parametrization state ends where pyreft's class ends (the same function of the same X)."""
+    script = Path(__file__).parent.parent / "examples" / "pyreft_parity" / "pyreft_trainer.py"
+    argv = [sys.executable, script, "--steps", "3", "--seeds", "1", "--out", tmp_path]
+    subprocess.run(argv, check=True, timeout=300, capture_output=True)
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    by_variant = {run["variant"]: run for run in runs}
+    assert set(by_variant) == {"pyreft", "parametrization", "householder", "retraction",
+                               "parametrization, pyreft's base"}  # fmt: skip
+    assert by_variant["parametrization, pyreft's base"]["weights_vs_pyreft"] <= 1e-5
+    assert by_variant["parametrization, pyreft's base"]["losses"] == by_variant["pyreft"]["losses"]
+    for run in runs:
+        assert len(run["losses"]) == 3 and run["orth_error"] <= 1e-5
+    assert (tmp_path / "table.md").exists()

@@ -402,7 +402,7 @@ class PyreftSwap:
         self.remove()
 
 
-def apply(orthogonality: str = "retraction") -> PyreftSwap:
+def apply(orthogonality: str = "householder") -> PyreftSwap:
     """Make pyreft's intervention classes reft_ext's drop-ins, reversibly (one line).
 
     Every loaded module that holds one of pyreft's six classes (``pyreft.LoreftIntervention``,
@@ -414,11 +414,11 @@ def apply(orthogonality: str = "retraction") -> PyreftSwap:
 
     Args:
         orthogonality: how the drop-ins built during the swap keep R orthonormal when their
-            constructor is not told (pyreft's code never is): ``"retraction"`` (default; R
-            retracted after each optimizer step), ``"householder"`` (pyreft's parametrization as
-            the same function of the same trained parameter, in O(d·r²): pyreft's training
-            dynamics) or ``"parametrization"`` (torch's, exactly pyreft's cost). Restored by
-            ``remove()``.
+            constructor is not told (pyreft's code never is): ``"householder"`` (default;
+            pyreft's parametrization as the same function of the same trained parameter, in
+            O(d·r²): pyreft's training dynamics), ``"retraction"`` (R a plain parameter,
+            retracted after each optimizer step) or ``"parametrization"`` (torch's, exactly
+            pyreft's cost). Restored by ``remove()``.
 
     Returns:
         A :class:`PyreftSwap`: ``remove()`` restores pyreft's classes; ``with apply(): ...``

@@ -17,19 +17,22 @@ any other callable:
 
 As in pyreft, dropout applies to the whole output (h included), and W, b (``learned_source``, an
 ``nn.Linear(embed_dim, rank)``) and P (``proj_layer``) are in ``dtype`` (default bfloat16), R and a
-constant source b in float32. Where pyreft keeps R orthonormal with torch's orthogonal
-parametrization (a d×d buffer per intervention), R here is a plain (rank, embed_dim) parameter
-that the automatic retraction (:mod:`reft_ext.retraction`) maps back onto orthonormal rows after
-each step of the optimizer that trains it, pyreft's trainers' included.
+constant source b in float32. pyreft keeps R orthonormal with torch's orthogonal
+parametrization (a d×d buffer per intervention, O(d²·r) per read); by default the drop-ins compute
+the same function of the same trained parameter in O(d·r²), so a pyreft recipe trains the same.
 
 How R stays orthonormal is the keyword ``orthogonality`` (reft_ext's own; the default is the one
-:func:`reft_ext.integrations.pyreft.apply` sets, else ``"retraction"``):
+:func:`reft_ext.integrations.pyreft.apply` sets, else ``"householder"``):
 
-- ``"retraction"``: R is a plain parameter, mapped back onto orthonormal rows after each step of
-  the optimizer that trains it (above);
-- ``"householder"``: pyreft's own function of its trained parameter, R = (base · HH(X))ᵀ, in
-  O(d·r²) per read (:mod:`reft_ext.householder`: the base kept as r reflectors, not d×d), so
-  pyreft's training dynamics carry over (Adam sees the same parameter X);
+- ``"householder"`` (default): pyreft's own function of its trained parameter, R = (base ·
+  HH(X))ᵀ, in O(d·r²) per read (:mod:`reft_ext.householder`: the base kept as r reflectors, not
+  d×d), so pyreft's training dynamics carry over (Adam sees the same parameter X). Through
+  pyreft's own trainer it tracks pyreft's class within seed noise, and exactly given pyreft's
+  base (README, "Does a pyreft recipe train the same?");
+- ``"retraction"``: R is a plain (rank, embed_dim) parameter that the automatic retraction
+  (:mod:`reft_ext.retraction`) maps back onto orthonormal rows after each step of the optimizer
+  that trains it, pyreft's trainers' included (reft_ext's own default; through pyreft's trainer
+  it trains a little slower than pyreft's class at the same learning rate);
 - ``"parametrization"``: torch's orthogonal parametrization itself, exactly pyreft's (O(d²·r)
   per read and a d×d buffer; for comparison).
 
@@ -84,7 +87,7 @@ _NEUTRAL = {"dropout": (0.0, 0), "act_fn": (None, "linear"), "add_bias": (False,
 DROP_IN_ORTHOGONALITY = tuple(o for o in ORTHOGONALITY if o is not None)
 #: ``orthogonality`` where the keyword is not given: set (and restored) by
 #: :func:`reft_ext.integrations.pyreft.apply`.
-DEFAULTS = {"orthogonality": "retraction"}
+DEFAULTS = {"orthogonality": "householder"}
 
 
 def check_orthogonality(owner: str, orthogonality) -> str:
@@ -132,6 +135,19 @@ def _activation(act_fn) -> Callable[[torch.Tensor], torch.Tensor] | None:
     raise ValueError(
         f"act_fn must be None, a callable or an ACT2FN name, got {type(act_fn).__name__}"
     )
+
+
+class _OrthonormalRows(nn.Module):
+    """Holds a drop-in's R (rank, embed_dim) as ``orthogonality`` trains it, parametrized here
+    rather than on the drop-in: registering a parametrization swaps its module's class for a
+    generated subclass (``torch.nn.utils.parametrize.Parametrized...``), while pyvene saves a
+    checkpoint under the intervention's class name, which must stay importable (pyreft likewise
+    parametrizes its child ``rotate_layer``)."""
+
+    def __init__(self, R: torch.Tensor, orthogonality: str):
+        super().__init__()
+        self.R = orthonormal_parameter(R, orthogonality)
+        parametrize_orthonormal(self, "R", orthogonality)
 
 
 class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresentationIntervention):
@@ -188,8 +204,7 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
         if self.orthonormal:
             q = torch.linalg.qr(torch.randn(embed_dim, rank, dtype=torch.float64))[0]
             R = q.T.to(device=device, dtype=torch.float32).contiguous()
-            self.R = orthonormal_parameter(R, self.orthogonality)
-            parametrize_orthonormal(self, "R", self.orthogonality)
+            self.rotation = _OrthonormalRows(R, self.orthogonality)
         if self.projection:
             bias = bool(kwargs.get("add_bias", False))
             self.proj_layer = nn.Linear(embed_dim, rank, bias=bias, device=device, dtype=dtype)
@@ -209,6 +224,12 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
         # bound method does not allow.
         self.register_state_dict_post_hook(type(self)._to_pyreft_form)
         self.register_load_state_dict_pre_hook(type(self)._from_pyreft_form)
+
+    @property
+    def R(self) -> torch.Tensor:
+        """The orthonormal rows (rank, embed_dim), float32: the parameter itself (retraction) or
+        its parametrization's value."""
+        return self.rotation.R
 
     # -- the edit ---------------------------------------------------------------------------------
 
@@ -256,9 +277,9 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
         """State-dict post-hook: R as ``rotate_layer`` (embed_dim, rank), pyreft's names."""
         if self.orthonormal:
             # A parametrized R saves as its value (pyreft's own save does the same).
-            for key in [k for k in state_dict if k.startswith(prefix + "parametrizations.R.")]:
+            R = state_dict.pop(prefix + "rotation.R", None)
+            for key in [k for k in state_dict if k.startswith(prefix + "rotation.")]:
                 del state_dict[key]
-            R = state_dict.pop(prefix + "R", None)
             state_dict[prefix + "rotate_layer"] = (self.R.detach() if R is None else R).T
         for ours, theirs in self.renamed.items():
             value = state_dict.pop(prefix + ours)
@@ -276,13 +297,14 @@ class _DropIn(SourcelessIntervention, TrainableIntervention, DistributedRepresen
                     R = rotation_from_state(local)
                 except KeyError as error:
                     raise KeyError(f"{type(self).__name__}: the rotation {error.args[0]}") from None
+                rotation = self.rotation
                 if self.orthogonality == "retraction":
-                    state_dict[prefix + "R"] = R
+                    state_dict[prefix + "rotation.R"] = R
                 else:  # the parametrization restarts at R: its base becomes R, X = −I
                     with torch.no_grad():
-                        self.R = R.to(self.parametrizations.R.original)
-                    for key, value in self.parametrizations.R.state_dict().items():
-                        state_dict[prefix + "parametrizations.R." + key] = value
+                        rotation.R = R.to(rotation.parametrizations.R.original)
+                    for key, value in rotation.parametrizations.R.state_dict().items():
+                        state_dict[prefix + "rotation.parametrizations.R." + key] = value
         for ours, theirs in self.renamed.items():
             if theirs is None:  # not in pyreft's form: this module's own value
                 state_dict.setdefault(prefix + ours, getattr(self, ours))
