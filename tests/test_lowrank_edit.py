@@ -286,6 +286,7 @@ def test_low_precision_rows_round_like_torch(device, dtype, d):
 
 _VARIANT_SCRIPT = """
 import sys, torch
+torch.manual_seed(0)
 inputs = torch.load(sys.argv[1])
 ops = torch.ops.reft_ext
 results = []
@@ -344,6 +345,27 @@ def test_cpu_kernel_variants_match_truth(tmp_path, variant, dtype, acc):
                 # bfloat16 results (out, ∂h) carry one rounding to 8 significant bits.
                 assert_close_rel(got, want, rel=2.0**-7 if got.dtype == torch.bfloat16 else None)
         assert orth_error(R) < 1e-5
+
+
+@pytest.mark.parametrize("dtype, acc", RAW_DTYPES[:3], ids=["fp32", "fp64", "bf16"])
+def test_avx2_and_avx512_kernels_give_the_same_bits(tmp_path, dtype, acc):
+    """The AVX-512 build's wider register tiles add every sum's terms in the AVX2 build's order:
+    the same bits for the plain, activated and multi-adapter edits, forward and backward (README:
+    the edit's results do not depend on the variant, but for the portable build, which has no
+    FMA). (The retraction, compiled per variant too, is only held to the truth.)"""
+    inputs = []
+    for N, d, r in VARIANT_SHAPES:
+        h, P, Q, b = _raw_inputs(dtype, acc, "cpu", N=N, d=d, r=r)
+        P2, b2 = torch.randn(2 * r, d, dtype=acc), torch.randn(2 * r, dtype=acc)
+        adapter = torch.tensor([(-1, 0, 1, 2, 1)[i % 5] for i in range(N)])
+        inputs.append((h, P, Q, b, torch.randn_like(h), P2, b2, adapter))
+    script = "import reft_ext\n" + _VARIANT_SCRIPT
+    avx2 = run_forced("avx2", script, inputs, tmp_path)
+    avx512 = run_forced("avx512", script, inputs, tmp_path)
+    for case2, case512 in zip(avx2, avx512, strict=True):
+        for outputs2, outputs512 in zip(case2[:3], case512[:3], strict=True):
+            for a, b in zip(outputs2, outputs512, strict=True):
+                assert torch.equal(a, b)
 
 
 def test_cpu_kernels_default_is_the_best_this_cpu_runs(tmp_path):

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -31,6 +32,15 @@ REFT_ROW_INLINE const acc_t* row_as_acc(const scalar_t* row, int64_t d, acc_t* b
     widen(row, d, buffer);
     return buffer;
   }
+}
+
+// a·b + c rounded once, for the scalar tails (the columns past the last full strip). Written out:
+// left to the compiler's contraction, the AVX-512 build vectorized a tail's products and added
+// them unfused, so its sums differed in the last bit from the AVX2 build's (tested now). One
+// instruction in the FMA builds, a libm call in the portable one (tails only: < 8 columns a row).
+template <typename acc_t>
+REFT_ROW_INLINE acc_t fused_multiply_add(acc_t a, acc_t b, acc_t c) {
+  return std::fma(a, b, c);
 }
 
 // Rows are processed in blocks of kRowBlock: each strip of P, Q and of the partial sums is loaded
@@ -97,7 +107,7 @@ REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const a
       const acc_t* w = P + k * d;
       for (int i = 0; i < M; ++i) {
         acc_t tail = 0;
-        for (int64_t j = full; j < d; ++j) tail += x[i][j] * w[j];
+        for (int64_t j = full; j < d; ++j) tail = fused_multiply_add(x[i][j], w[j], tail);
         z[i][k] = reduce_vec<acc_t>(lane[q][i]) + tail + (b ? b[k] : acc_t(0));
       }
     }
@@ -156,7 +166,7 @@ REFT_ROW_INLINE void edit_rows(const acc_t* const* x, const acc_t* const* z, con
   for (int i = 0; i < M; ++i) {
     for (int64_t j = full; j < d; ++j) {
       acc_t value = x[i][j];
-      for (int64_t k = 0; k < r; ++k) value += z[i][k] * Q[k * d + j];
+      for (int64_t k = 0; k < r; ++k) value = fused_multiply_add(z[i][k], Q[k * d + j], value);
       narrow(&value, 1, y[i] + j);
     }
   }
@@ -201,7 +211,7 @@ REFT_ROW_INLINE void accumulate_rows(acc_t* acc, const acc_t* const* c, const ac
   for (int64_t k = 0; k < r; ++k) {
     acc_t* a = acc + k * d;
     for (int64_t j = full; j < d; ++j) {
-      for (int i = 0; i < M; ++i) a[j] += c[i][k] * xs[i][j];
+      for (int i = 0; i < M; ++i) a[j] = fused_multiply_add(c[i][k], xs[i][j], a[j]);
     }
   }
 }
