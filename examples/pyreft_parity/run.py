@@ -10,7 +10,8 @@ over several seeds, and reports the loss curves and held-out accuracy:
   stored (r, d) instead of (d, r), which Adam's per-element steps do not see);
 - ``householder``: the same function in O(d·r²) (reft_ext.householder), its base completed
   deterministically instead of at random;
-- ``retraction``: Adam on R itself, retracted onto orthonormal rows after each step (the default);
+- ``retraction``: Adam on R itself, retracted onto orthonormal rows after each step (the
+  default of reft_ext's own ReftConfig; the pyreft drop-ins default to ``householder``);
 - ``riemannian``: the same with the Riemannian gradient (``keep_orthonormal(project_grad=True)``).
 
 Task ``tiny``: a random tiny Llama (d = 64, 4 blocks, weights drawn with std 0.3 so that its
