@@ -45,8 +45,9 @@ def cpu_kernels() -> str:
 
     The best one this CPU supports, chosen once per process; the environment variable
     ``REFT_EXT_CPU_KERNELS`` (``portable``, ``avx2`` or ``avx512``) caps it, e.g. to test the path
-    a smaller CPU takes. Every variant computes the same sums in the same order per element;
-    only the portable build, which has no FMA, rounds differently.
+    a smaller CPU takes. The edit ops add the same terms in the same order in every variant:
+    the AVX2 and AVX-512 builds give the same bits, the portable build, which has no FMA, rounds
+    each product separately (the retraction is only held to the same accuracy).
     """
     return torch.ops.reft_ext.cpu_kernels()
 

@@ -36,8 +36,8 @@ def cpu_flags() -> set[str]:
 
 def best_variant() -> str:
     """The most capable variant the flags allow (x86-64 only; elsewhere portable)."""
-    x86 = os.uname().machine == "x86_64"
-    return [v for v in VARIANTS if x86 and _NEEDS[v] <= cpu_flags() or v == "portable"][-1]
+    flags = cpu_flags() if os.uname().machine == "x86_64" else set()
+    return [v for v in VARIANTS if _NEEDS[v] <= flags][-1]
 
 
 def run_forced(variant: str, script: str, inputs, tmp_path: Path):

@@ -285,7 +285,7 @@ def test_low_precision_rows_round_like_torch(device, dtype, d):
 
 
 _VARIANT_SCRIPT = """
-import sys, torch
+import sys, torch, reft_ext
 torch.manual_seed(0)
 inputs = torch.load(sys.argv[1])
 ops = torch.ops.reft_ext
@@ -310,19 +310,26 @@ torch.save(results, sys.argv[2])
 VARIANT_SHAPES = [(9, 37, 3), (4, 64, 1), (6, 16, 5), (5, 120, 17), (11, 1037, 33)]
 
 
-@pytest.mark.parametrize("dtype, acc", RAW_DTYPES[:3], ids=["fp32", "fp64", "bf16"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cpu_kernel_variants_match_truth(tmp_path, variant, dtype, acc):
-    """Each build of the CPU kernels (portable, AVX2, AVX-512; forced in a child process) gives the
-    float64 truth for the plain, activated and multi-adapter ops, forward and backward, and
-    orthonormal rows from the retraction."""
+def _variant_inputs(dtype, acc):
+    """Per VARIANT_SHAPES entry, _VARIANT_SCRIPT's inputs: h, P, Q, b, an upstream gradient, the
+    activated edit's P and b (2r rows) and a row-to-adapter map over 3 adapters and -1."""
     inputs = []
     for N, d, r in VARIANT_SHAPES:
         h, P, Q, b = _raw_inputs(dtype, acc, "cpu", N=N, d=d, r=r)
         P2, b2 = torch.randn(2 * r, d, dtype=acc), torch.randn(2 * r, dtype=acc)
         adapter = torch.tensor([(-1, 0, 1, 2, 1)[i % 5] for i in range(N)])
         inputs.append((h, P, Q, b, torch.randn_like(h), P2, b2, adapter))
-    results = run_forced(variant, "import reft_ext\n" + _VARIANT_SCRIPT, inputs, tmp_path)
+    return inputs
+
+
+@pytest.mark.parametrize("dtype, acc", RAW_DTYPES[:3], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cpu_kernel_variants_match_truth(tmp_path, variant, dtype, acc):
+    """Each build of the CPU kernels (portable, AVX2, AVX-512; forced in a child process) gives the
+    float64 truth for the plain, activated and multi-adapter ops, forward and backward, and
+    orthonormal rows from the retraction."""
+    inputs = _variant_inputs(dtype, acc)
+    results = run_forced(variant, _VARIANT_SCRIPT, inputs, tmp_path)
     for (h, P, Q, b, g, P2, b2, adapter), (plain, act, multi, R) in zip(
         inputs, results, strict=True
     ):
@@ -353,15 +360,9 @@ def test_avx2_and_avx512_kernels_give_the_same_bits(tmp_path, dtype, acc):
     the same bits for the plain, activated and multi-adapter edits, forward and backward (README:
     the edit's results do not depend on the variant, but for the portable build, which has no
     FMA). (The retraction, compiled per variant too, is only held to the truth.)"""
-    inputs = []
-    for N, d, r in VARIANT_SHAPES:
-        h, P, Q, b = _raw_inputs(dtype, acc, "cpu", N=N, d=d, r=r)
-        P2, b2 = torch.randn(2 * r, d, dtype=acc), torch.randn(2 * r, dtype=acc)
-        adapter = torch.tensor([(-1, 0, 1, 2, 1)[i % 5] for i in range(N)])
-        inputs.append((h, P, Q, b, torch.randn_like(h), P2, b2, adapter))
-    script = "import reft_ext\n" + _VARIANT_SCRIPT
-    avx2 = run_forced("avx2", script, inputs, tmp_path)
-    avx512 = run_forced("avx512", script, inputs, tmp_path)
+    inputs = _variant_inputs(dtype, acc)
+    avx2 = run_forced("avx2", _VARIANT_SCRIPT, inputs, tmp_path)
+    avx512 = run_forced("avx512", _VARIANT_SCRIPT, inputs, tmp_path)
     for case2, case512 in zip(avx2, avx512, strict=True):
         for outputs2, outputs512 in zip(case2[:3], case512[:3], strict=True):
             for a, b in zip(outputs2, outputs512, strict=True):

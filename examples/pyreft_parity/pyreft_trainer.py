@@ -55,8 +55,8 @@ from pathlib import Path
 import pyreft
 import torch
 import transformers
-from run import PROMPT, answer_loss_and_accuracy, tiny_model, tiny_task
-from seeds import mean_and_seeds, plot_seed_band
+from run import PROMPT, answer_loss_and_accuracy, plot, tiny_model, tiny_task
+from seeds import mean_and_seeds, write_record
 
 from reft_ext.integrations.pyreft import apply
 
@@ -264,23 +264,6 @@ def summary_table(runs: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
-def plot(runs: list[dict], path: Path) -> bool:
-    """Loss curves, one line per variant (mean over seeds) with the seeds' range shaded."""
-    from reft_ext.bench.plot import agg_figure
-
-    fig = agg_figure(path, figsize=(7, 4), layout="constrained")
-    if fig is None:
-        return False
-    ax = fig.subplots()
-    for variant in VARIANTS:
-        plot_seed_band(ax, variant, [r["losses"] for r in runs if r["variant"] == variant])
-    ax.set(xlabel="step", ylabel="answer-token loss",
-           title="tiny Llama answer task through pyreft's trainer: loss per step")  # fmt: skip
-    ax.legend()
-    fig.savefig(path, dpi=110)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -314,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
             orders = {r["data_order_sha1"] for r in runs if r["seed"] == seed}
             assert len(orders) == 1, f"seed {seed}: the variants saw different data orders"
-    args.out.mkdir(parents=True, exist_ok=True)
     arguments = {k: str(v) for k, v in vars(args).items()}
     versions = {
         name: importlib.metadata.version(name)
@@ -322,11 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = {"task": "tiny, through pyreft's ReftTrainerForCausalLM", **versions,
                "args": arguments, "runs": runs}  # fmt: skip
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    table = summary_table(runs)
-    (args.out / "table.md").write_text(table + "\n")
-    print(table)
-    plot(runs, args.out / "losses.png")
+    write_record(args.out, results, summary_table(runs))
+    title = "tiny Llama answer task through pyreft's trainer: loss per step"
+    plot(runs, args.out / "losses.png", VARIANTS, title)
     return 0
 
 

@@ -27,13 +27,12 @@ at the last position; batch 32, AdamW (no weight decay: pyreft's trainers' defau
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from seeds import mean_and_seeds, plot_seed_band
+from seeds import mean_and_seeds, plot_seed_band, write_record
 
 import reft_ext
 
@@ -131,7 +130,12 @@ def summary_table(runs: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
-def plot(runs: list[dict], path: Path) -> bool:
+def plot(
+    runs: list[dict],
+    path: Path,
+    variants: tuple[str, ...] = VARIANTS,
+    title: str = "tiny Llama answer task: loss per step",
+) -> bool:
     """Loss curves, one line per variant (mean over seeds) with the seeds' range shaded."""
     from reft_ext.bench.plot import agg_figure
 
@@ -139,9 +143,9 @@ def plot(runs: list[dict], path: Path) -> bool:
     if fig is None:
         return False
     ax = fig.subplots()
-    for variant in VARIANTS:
+    for variant in variants:
         plot_seed_band(ax, variant, [r["losses"] for r in runs if r["variant"] == variant])
-    ax.set(xlabel="step", ylabel="answer-token loss", title="tiny Llama answer task: loss per step")
+    ax.set(xlabel="step", ylabel="answer-token loss", title=title)
     ax.legend()
     fig.savefig(path, dpi=110)
     return True
@@ -164,13 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             last = statistics.fmean(run["losses"][-5:])
             print(f"seed {seed} {variant:16s} last-5 loss {last:.3f} "
                   f"held-out acc {run['test_accuracy']:.3f}", flush=True)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     arguments = {k: str(v) for k, v in vars(args).items()}
     results = {"task": "tiny", "torch": torch.__version__, "args": arguments, "runs": runs}
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    table = summary_table(runs)
-    (args.out / "table.md").write_text(table + "\n")
-    print(table)
+    write_record(args.out, results, summary_table(runs))
     plot(runs, args.out / "losses.png")
     return 0
 

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sentiment"))
 
 from report import moving_average  # noqa: E402
-from seeds import mean_and_seeds, plot_seed_band  # noqa: E402
+from seeds import mean_and_seeds, plot_seed_band, write_record  # noqa: E402
 
 from reft_ext.bench.plot import agg_figure  # noqa: E402
 from reft_ext.bench.table import markdown_table  # noqa: E402
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args(argv)
     by_method = collect(args.folders)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sentiment.json").write_text(json.dumps(by_method, indent=1))
-    text = table(by_method)
-    (args.out / "sentiment.md").write_text(text + "\n")
-    print(text)
+    write_record(args.out, by_method, table(by_method), "sentiment.json", "sentiment.md")
     plot(by_method, args.out / "sentiment.png")
     return 0
 
