@@ -60,6 +60,18 @@ constexpr int64_t kColumnChunk = 512;
 // Ranks whose accumulators are kept (on the stack) across the chunks of one group.
 constexpr int kRankGroup = 16;
 
+// Strips per step of the edit (edit_strips' T): T·M accumulators, T strips of Q and a broadcast
+// must fit in the vector registers. 16 (SSE2, AVX2) hold T = 2; the 32 of AVX-512 hold T = 4,
+// which halves the loads of Q and z per FMA (the edit is load-bound at T = 2). The row kernels
+// take it as a template argument: isa_variant gives the AVX-512 entry kWideEditStrips.
+constexpr int kEditStrips = 2;
+constexpr int kWideEditStrips = 4;
+
+// Ranks per sweep of the projections (project_strips' K) in the kernels of edit step T: each
+// loaded strip of a row feeds K·M accumulators. 16 registers hold K = 2; 32 hold K = 4, one sweep
+// of the rows at r = 4 instead of two (fp32 and bf16 forward 3–5 % faster, N 8192, r 4).
+constexpr int project_ranks(int T) { return T == kWideEditStrips ? 4 : 2; }
+
 // lane[q][i] += the strips [j0, j1) of x[i] times P's row k + q, for q < K and the M rows x[i].
 template <int M, int K, typename acc_t>
 REFT_ROW_INLINE void project_strips(const acc_t* const* x, const acc_t* P, int64_t d, int64_t k,
@@ -86,9 +98,9 @@ REFT_ROW_INLINE void project_strips(const acc_t* const* x, const acc_t* P, int64
 }
 
 // z[i][k] = Σ_j P[k, j] x[i][j] + b[k] for the M rows x[i] and all r ranks (b may be null): per
-// group of kRankGroup ranks and per column chunk, two ranks per sweep (each loaded strip of a row
-// feeds two accumulators).
-template <int M, typename acc_t>
+// group of kRankGroup ranks and per column chunk, K ranks per sweep (each loaded strip of a row
+// feeds K accumulators), then 2, then 1.
+template <int M, int K, typename acc_t>
 REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const acc_t* b, int64_t d,
                                   int64_t r, acc_t* const* z) {
   constexpr int V = Vec<acc_t>::kLanes;
@@ -99,6 +111,9 @@ REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const a
     for (int64_t j0 = 0; j0 < full; j0 += kColumnChunk) {
       const int64_t j1 = std::min(full, j0 + kColumnChunk);
       int q = 0;
+      if constexpr (K == 4) {
+        for (; q + 4 <= ranks; q += 4) project_strips<M, 4>(x, P, d, k0 + q, j0, j1, lane + q);
+      }
       for (; q + 2 <= ranks; q += 2) project_strips<M, 2>(x, P, d, k0 + q, j0, j1, lane + q);
       if (q < ranks) project_strips<M, 1>(x, P, d, k0 + q, j0, j1, lane + q);
     }
@@ -114,13 +129,44 @@ REFT_ROW_INLINE void project_rows(const acc_t* const* x, const acc_t* P, const a
   }
 }
 
+// The rows of a later block (kPrefetchBlocks ahead), prefetched a strip at a time while this
+// block's edit runs: those to be read (`in`) and those to be written (`out`, prefetched for
+// writing, so the stores do not wait for their lines). A whole block prefetched at once fills the
+// core's miss queue and stalls it until the lines arrive, so loads and FMAs did not overlap.
+template <int M, typename scalar_t>
+struct RowsAhead {
+  const scalar_t* in[M];
+  scalar_t* out[M];
+};
+
+// Prefetches the lines of elements [j, j + count) of each row of `ahead` (null: none).
+template <int M, typename scalar_t>
+REFT_ROW_INLINE void prefetch_columns(const RowsAhead<M, scalar_t>* ahead, int64_t j,
+                                      int64_t count) {
+  if (ahead == nullptr) return;
+  constexpr int64_t kLineBytes = 64;
+  const int64_t first = j * int64_t(sizeof(scalar_t)),
+                last = (j + count) * int64_t(sizeof(scalar_t));
+  for (int i = 0; i < M; ++i) {
+    const char* in = reinterpret_cast<const char*>(ahead->in[i]);
+    const char* out = reinterpret_cast<const char*>(ahead->out[i]);
+    for (int64_t byte = first; byte < last; byte += kLineBytes) {
+      __builtin_prefetch(in + byte, 0, 2);
+      __builtin_prefetch(out + byte, 1, 2);
+    }
+  }
+}
+
 // The strips [j, j + T·V) of y[i] = x[i] + Σ_k z[i][k] Q[k, :] for the M rows. Each strip adds
 // its r terms in order, a chain of dependent FMAs: T strips at once keep T·M chains in flight,
-// enough to hide the FMA latency (4 rows alone leave the FMA units half idle at r = 16).
+// enough to hide the FMA latency (4 rows alone leave the FMA units half idle at r = 16). The same
+// columns of the rows ahead are prefetched.
 template <int M, int T, typename scalar_t, typename acc_t>
 REFT_ROW_INLINE void edit_strips(const acc_t* const* x, const acc_t* const* z, const acc_t* Q,
-                                 int64_t d, int64_t r, int64_t j, scalar_t* const* y) {
+                                 int64_t d, int64_t r, int64_t j, scalar_t* const* y,
+                                 const RowsAhead<M, scalar_t>* ahead) {
   constexpr int V = Vec<acc_t>::kLanes;
+  prefetch_columns(ahead, j, T * V);
   vec_t<acc_t> strip[T][M];
   for (int t = 0; t < T; ++t) {
     for (int i = 0; i < M; ++i) strip[t][i] = load_vec(x[i] + j + t * V);
@@ -138,31 +184,26 @@ REFT_ROW_INLINE void edit_strips(const acc_t* const* x, const acc_t* const* z, c
   }
 }
 
-// Strips per step of the edit (edit_strips' T): T·M accumulators, T strips of Q and a broadcast
-// must fit in the vector registers. 16 (SSE2, AVX2) hold T = 2; the 32 of AVX-512 hold T = 4,
-// which halves the loads of Q and z per FMA (the edit is load-bound at T = 2). The row kernels
-// take it as a template argument: isa_variant gives the AVX-512 entry kWideEditStrips.
-constexpr int kEditStrips = 2;
-constexpr int kWideEditStrips = 4;
-
 // The strips [j, full) of the edit: T at a time, then the rest with T/2, T/4, ..., 1.
 template <int M, int T, typename scalar_t, typename acc_t>
 REFT_ROW_INLINE void edit_columns(const acc_t* const* x, const acc_t* const* z, const acc_t* Q,
-                                  int64_t d, int64_t r, int64_t j, int64_t full,
-                                  scalar_t* const* y) {
+                                  int64_t d, int64_t r, int64_t j, int64_t full, scalar_t* const* y,
+                                  const RowsAhead<M, scalar_t>* ahead) {
   constexpr int V = Vec<acc_t>::kLanes;
-  for (; j + T * V <= full; j += T * V) edit_strips<M, T>(x, z, Q, d, r, j, y);
-  if constexpr (T > 1) edit_columns<M, T / 2>(x, z, Q, d, r, j, full, y);
+  for (; j + T * V <= full; j += T * V) edit_strips<M, T>(x, z, Q, d, r, j, y, ahead);
+  if constexpr (T > 1) edit_columns<M, T / 2>(x, z, Q, d, r, j, full, y, ahead);
 }
 
 // y[i] = x[i] + Σ_k z[i][k] Q[k, :] for the M rows, written in y's dtype; each strip of y once.
-// Every element adds its r terms in the same order whatever T is.
+// Every element adds its r terms in the same order whatever T is. The rows of `ahead` (null:
+// none) are prefetched on the way.
 template <int M, int T, typename scalar_t, typename acc_t>
 REFT_ROW_INLINE void edit_rows(const acc_t* const* x, const acc_t* const* z, const acc_t* Q,
-                               int64_t d, int64_t r, scalar_t* const* y) {
+                               int64_t d, int64_t r, scalar_t* const* y,
+                               const RowsAhead<M, scalar_t>* ahead = nullptr) {
   constexpr int V = Vec<acc_t>::kLanes;
   const int64_t full = d - d % V;
-  edit_columns<M, T>(x, z, Q, d, r, 0, full, y);
+  edit_columns<M, T>(x, z, Q, d, r, 0, full, y, ahead);
   for (int i = 0; i < M; ++i) {
     for (int64_t j = full; j < d; ++j) {
       acc_t value = x[i][j];
@@ -282,10 +323,12 @@ struct BackwardArgs {
 // Size of one group's partial sums: [∂P (rp×d) | ∂Q (r×d) | ∂b (rp)].
 REFT_ROW_INLINE int64_t partial_size(int64_t rp, int64_t r, int64_t d) { return (rp + r) * d + rp; }
 
-// Forward on M rows from n: z = x Pᵀ + b (activated: v = x Pᵀ + b, z = act(u) − s), out = x + z Q.
+// Forward on M rows from n: z = x Pᵀ + b (activated: v = x Pᵀ + b, z = act(u) − s), out = x + z Q,
+// prefetching the rows of `ahead` (null: none).
 template <int M, int T, typename scalar_t, typename acc_t>
 REFT_ROW_INLINE void forward_block(RowScratch<scalar_t, acc_t>& scratch,
-                                   const ForwardArgs<scalar_t>& a, int64_t n) {
+                                   const ForwardArgs<scalar_t>& a, int64_t n,
+                                   const RowsAhead<M, scalar_t>* ahead) {
   const Activated<acc_t>& act = a.activated;
   const acc_t* x[M];
   acc_t* zi[M];
@@ -298,17 +341,19 @@ REFT_ROW_INLINE void forward_block(RowScratch<scalar_t, acc_t>& scratch,
     vi[i] = act.v ? act.v + row * act.rp : zi[i];
     y[i] = a.out + row * a.d;
   }
-  project_rows<M>(x, a.P, a.b, a.d, a.rp(), vi);
+  project_rows<M, project_ranks(T)>(x, a.P, a.b, a.d, a.rp(), vi);
   if (act.v) {
     for (int i = 0; i < M; ++i) activated_z(act.act, vi[i], a.r, act.rp, zi[i]);
   }
-  edit_rows<M, T>(x, zi, a.Q, a.d, a.r, y);
+  edit_rows<M, T>(x, zi, a.Q, a.d, a.r, y, ahead);
 }
 
 // Blocks ahead whose rows are prefetched (into L2): the rows are the only data that comes from
 // memory, and the hardware prefetcher does not run ahead across the compute between two blocks,
 // so without this every block starts by waiting for its rows (a fifth of the bf16 forward at
-// N 8192, d 768, r 16). Two blocks ahead measured best (1: a little less, 4: the same).
+// N 8192, d 768, r 16). Two blocks ahead measured best (1: a little less, 4: the same). Spread
+// over the edit (RowsAhead), with the output rows prefetched for writing, instead of all at once
+// before each block: fp32 r 4 forward 11–25 % faster (N 8192, d 768–4096).
 constexpr int kPrefetchBlocks = 2;
 
 // Prefetches (into L2) the M rows at positions [n, n + M) of `order` in src (stride d), where they
@@ -329,12 +374,21 @@ REFT_ROW_INLINE void prefetch_rows(const scalar_t* src, const int64_t* order, in
 template <typename scalar_t, int T = kEditStrips, typename acc_t = acc_type<scalar_t>>
 REFT_ROW_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
   RowScratch<scalar_t, acc_t> scratch(kRowBlock, kRowBlock, a.d, a.r);
+  RowsAhead<kRowBlock, scalar_t> ahead;
   int64_t n = begin;
   for (; n + kRowBlock <= end; n += kRowBlock) {
-    prefetch_rows<kRowBlock>(a.h, a.order, n + kPrefetchBlocks * kRowBlock, end, a.d);
-    forward_block<kRowBlock, T>(scratch, a, n);
+    const int64_t later = n + kPrefetchBlocks * kRowBlock;
+    const bool prefetch = later + kRowBlock <= end;
+    for (int i = 0; prefetch && i < kRowBlock; ++i) {
+      const int64_t row = row_at(a.order, later + i);
+      ahead.in[i] = a.h + row * a.d;
+      ahead.out[i] = a.out + row * a.d;
+    }
+    forward_block<kRowBlock, T>(scratch, a, n, prefetch ? &ahead : nullptr);
   }
-  for (; n < end; ++n) forward_block<1, T>(scratch, a, n);
+  for (; n < end; ++n) {
+    forward_block<1, T>(scratch, a, n, static_cast<const RowsAhead<1, scalar_t>*>(nullptr));
+  }
 }
 
 // Backward on M rows from n: gz = g Qᵀ and c = ∂v (c = gz for the plain edit, activated_coef
@@ -342,7 +396,8 @@ REFT_ROW_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begin,
 // layout), each only where wanted.
 template <int M, int T, typename scalar_t, typename acc_t>
 REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch,
-                                    const BackwardArgs<scalar_t>& a, acc_t* partial, int64_t n) {
+                                    const BackwardArgs<scalar_t>& a, acc_t* partial, int64_t n,
+                                    const RowsAhead<M, scalar_t>* ahead) {
   const Activated<acc_t>& act = a.activated;
   const int64_t d = a.d, r = a.r, rp = a.rp();
   const acc_t* g[M];
@@ -359,7 +414,8 @@ REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch,
   constexpr int S = M < kRowBlock ? M : kRowBlock;  // rows per projection and edit
   if (a.grad_h || a.want_P || a.want_b) {
     for (int s = 0; s < M; s += S) {
-      project_rows<S>(g + s, a.Q, static_cast<const acc_t*>(nullptr), d, r, gz + s);
+      project_rows<S, project_ranks(T)>(g + s, a.Q, static_cast<const acc_t*>(nullptr), d, r,
+                                        gz + s);
     }
     if (act.v) {
       for (int i = 0; i < M; ++i) {
@@ -370,7 +426,14 @@ REFT_ROW_INLINE void backward_block(RowScratch<scalar_t, acc_t>& scratch,
   if (a.grad_h) {
     scalar_t* dh[M];
     for (int i = 0; i < M; ++i) dh[i] = a.grad_h + row_at(a.order, n + i) * d;
-    for (int s = 0; s < M; s += S) edit_rows<S, T>(g + s, coef + s, a.P, d, rp, dh + s);
+    for (int s = 0; s < M; s += S) {
+      RowsAhead<S, scalar_t> part;  // the rows ahead that this edit prefetches
+      for (int i = 0; ahead && i < S; ++i) {
+        part.in[i] = ahead->in[s + i];
+        part.out[i] = ahead->out[s + i];
+      }
+      edit_rows<S, T>(g + s, coef + s, a.P, d, rp, dh + s, ahead ? &part : nullptr);
+    }
   }
   if (a.want_P) {
     scratch.template view<M>(a.h, a.order, n, d, 1, x);
@@ -393,13 +456,31 @@ REFT_ROW_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, acc_t* parti
   const int64_t per_row = a.activated.v ? a.r + a.rp() : a.r;
   RowScratch<scalar_t, acc_t> scratch(2 * kBackwardRowBlock, kBackwardRowBlock, a.d, per_row);
   int64_t n = begin;
+  // The rows of ∂out ahead (and of ∂h, for writing) are prefetched during the ∂h edit where there
+  // is one (4–15 % faster than all at once, fp32 r 4, N 8192); h's rows, and ∂out's when ∂h is
+  // not wanted, all at once before the block.
+  const bool spread = a.grad_h != nullptr;
+  RowsAhead<kBackwardRowBlock, scalar_t> ahead;
   for (; n + kBackwardRowBlock <= end; n += kBackwardRowBlock) {
-    const int64_t ahead = n + kPrefetchBlocks * kBackwardRowBlock;
-    prefetch_rows<kBackwardRowBlock>(a.grad_out, a.order, ahead, end, a.d);
-    if (a.want_P) prefetch_rows<kBackwardRowBlock>(a.h, a.order, ahead, end, a.d);
-    backward_block<kBackwardRowBlock, T>(scratch, a, partial, n);
+    const int64_t later = n + kPrefetchBlocks * kBackwardRowBlock;
+    const bool prefetch = later + kBackwardRowBlock <= end;
+    if (spread) {
+      for (int i = 0; prefetch && i < kBackwardRowBlock; ++i) {
+        const int64_t row = row_at(a.order, later + i);
+        ahead.in[i] = a.grad_out + row * a.d;
+        ahead.out[i] = a.grad_h + row * a.d;
+      }
+    } else {
+      prefetch_rows<kBackwardRowBlock>(a.grad_out, a.order, later, end, a.d);
+    }
+    if (a.want_P) prefetch_rows<kBackwardRowBlock>(a.h, a.order, later, end, a.d);
+    backward_block<kBackwardRowBlock, T>(scratch, a, partial, n,
+                                         spread && prefetch ? &ahead : nullptr);
   }
-  for (; n < end; ++n) backward_block<1, T>(scratch, a, partial, n);
+  for (; n < end; ++n) {
+    backward_block<1, T>(scratch, a, partial, n,
+                         static_cast<const RowsAhead<1, scalar_t>*>(nullptr));
+  }
 }
 
 // Second stage of the parameter gradients: for each adapter a, part t of its gradient (0: ∂P,
@@ -413,15 +494,24 @@ void sum_partials(const acc_t* partials, const int64_t* first_group, int64_t ada
   const int64_t size = partial_size(rp, r, d);
   const int64_t starts[3] = {0, rp * d, (rp + r) * d}, sizes[3] = {rp * d, r * d, rp};
   at::parallel_for(0, adapters * size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
+    // Runs of consecutive elements of one part of one adapter, each run's elements side by side
+    // in every partial and in the target: the loops over them vectorize (an index division per
+    // element did not, and cost an eighth of the backward at N 256, r 16).
+    // A run is at most kRun elements, so its target stays in L1 while the groups are added.
+    constexpr int64_t kRun = 1024;
+    for (int64_t idx = begin; idx < end;) {
       const int64_t a = idx / size, i = idx % size;
       const int part = i < starts[1] ? 0 : (i < starts[2] ? 1 : 2);
-      if (targets[part] == nullptr) continue;
-      acc_t sum = 0;
+      const int64_t run = std::min({kRun, end - idx, starts[part] + sizes[part] - i});
+      acc_t* target = targets[part];
+      idx += run;
+      if (target == nullptr) continue;
+      target += a * sizes[part] + i - starts[part];
+      for (int64_t e = 0; e < run; ++e) target[e] = acc_t(0);
       for (int64_t g = first_group[a]; g < first_group[a + 1]; ++g) {
-        sum += partials[g * size + i];
+        const acc_t* partial = partials + g * size + i;
+        for (int64_t e = 0; e < run; ++e) target[e] += partial[e];
       }
-      targets[part][a * sizes[part] + i - starts[part]] = sum;
     }
   });
 }
