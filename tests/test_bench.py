@@ -123,6 +123,7 @@ def test_cli_writes_memory_fields_table_and_plot(tmp_path, _restore_threads):
         "retraction-k1-d2048-r8": [
             "fused",
             "keep_orthonormal",
+            "bare_step",
             "torch_qr",
             "parametrization",
             "householder",
@@ -135,11 +136,21 @@ def test_cli_writes_memory_fields_table_and_plot(tmp_path, _restore_threads):
     table = (out / "table.md").read_text()
     assert table == format_tables(measurements) + "\n"
     assert "peak MiB (fused / naive / copy)" in table
-    assert "| torch_qr/fused | torch_qr/keep_orthonormal | parametrization/fused |" in table
+    assert "| torch_qr/fused | torch_qr/keep_orthonormal | torch_qr/post-step |" in table
     assert _png_size(out / "bench.png")[0] > 0
 
     assert plot_main([str(out / "results.json"), str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_post_step_column_divides_by_the_step_minus_a_bare_step():
+    from reft_ext.bench.cases import RetractionCase
+
+    (column,) = [c for c in RetractionCase.columns if c.label == "torch_qr/post-step"]
+    ratio = column.value({"torch_qr": 2e-3, "keep_orthonormal": 1.5e-3, "bare_step": 1e-3})
+    assert ratio == pytest.approx(4.0)
+    # A bare step no cheaper than the managed one (noise): no ratio rather than a negative one.
+    assert column.value({"torch_qr": 2e-3, "keep_orthonormal": 1e-3, "bare_step": 1e-3}) is None
 
 
 def test_load_results_names_a_file_in_another_format(tmp_path):

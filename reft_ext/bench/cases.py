@@ -280,6 +280,12 @@ class RetractionCase(Case):
     columns: ClassVar[tuple[Column, ...]] = (
         ratio("torch_qr", "fused"),
         ratio("torch_qr", "keep_orthonormal"),
+        Column(
+            "torch_qr/post-step",
+            ("torch_qr", "keep_orthonormal", "bare_step"),
+            lambda m: _over_post_step(m, "torch_qr"),
+            "{:.2f}x".format,
+        ),
         ratio("parametrization", "fused"),
         ratio("parametrization", "householder"),
     )
@@ -297,15 +303,22 @@ class RetractionCase(Case):
         return singles + [cls(32, 4096, 8), cls(32, 4096, 32)]
 
     def calls(self, device: torch.device) -> dict[str, Callable[[], object]]:
-        """fused, keep_orthonormal and torch_qr; for k = 1 also pyreft's parametrization (the slow
-        baseline) and its O(d·r²) householder form."""
-        providers = ["fused", "keep_orthonormal", "torch_qr"]
+        """fused, keep_orthonormal, bare_step and torch_qr; for k = 1 also pyreft's
+        parametrization (the slow baseline) and its O(d·r²) householder form."""
+        providers = ["fused", "keep_orthonormal", "bare_step", "torch_qr"]
         providers += ["parametrization", "householder"] if self.k == 1 else []
         return {p: retraction_call(self, p, device) for p in providers}
 
     def timing(self, repeats: int) -> dict:
         """Half the samples (at least 5) and 2 warm-up calls: the parametrization is slow."""
         return {"repeats": max(5, repeats // 2), "warmup": 2}
+
+
+def _over_post_step(m: dict[str, float], provider: str) -> float | None:
+    """``provider``'s median ÷ keep_orthonormal's post-step cost (its step minus a bare step);
+    undefined when the difference is not positive (noise larger than the retraction)."""
+    post_step = m["keep_orthonormal"] - m["bare_step"]
+    return m[provider] / post_step if post_step > 0 else None
 
 
 def _sign_fixed_qr_(R: torch.Tensor) -> None:
@@ -319,8 +332,10 @@ def retraction_call(case: RetractionCase, provider: str, device: torch.device):
 
     - ``fused``: one reft_ext.retract_ call on the (k, r, d) batch (or the (r, d) matrix), default
       arguments;
-    - ``keep_orthonormal``: the post-step cost of reft_ext.keep_orthonormal on k separate (r, d)
-      parameters (an optimizer step without gradients, so the retraction alone);
+    - ``keep_orthonormal``: an optimizer step without gradients on k separate (r, d) parameters
+      under reft_ext.keep_orthonormal: torch's step machinery plus the post-step retraction;
+    - ``bare_step``: the same step of an optimizer without it (plain parameters: nothing to
+      retract), so ``keep_orthonormal − bare_step`` is the post-step cost;
     - ``torch_qr``: a loop of torch.linalg.qr retractions, one per matrix;
     - ``parametrization``: pyreft's way, torch's orthogonal parametrization of a (d, r) weight,
       forward and backward of one weight read, per matrix (k = 1 only: it is the slow baseline);
@@ -339,7 +354,10 @@ def retraction_call(case: RetractionCase, provider: str, device: torch.device):
         params = [StiefelParameter(m.clone()) for m in R.view(-1, case.r, case.d).unbind(0)]
         optimizer = torch.optim.SGD(params, lr=0.0)
         keep_orthonormal(optimizer)
-        return optimizer.step  # no gradients: the step is the post-step retraction alone
+        return optimizer.step  # no gradients: the step's machinery and the retraction
+    if provider == "bare_step":
+        params = [torch.nn.Parameter(m.clone()) for m in R.view(-1, case.r, case.d).unbind(0)]
+        return torch.optim.SGD(params, lr=0.0).step
     if provider == "torch_qr":
         mats = list(R.view(-1, case.r, case.d).unbind(0))
 
