@@ -306,8 +306,8 @@ torch.save(results, sys.argv[2])
 
 # Shapes that reach every row and column blocking of the CPU kernels (csrc/cpu/edit_rows.h): row
 # blocks and tail rows, 4-, 2- and 1-strip edit steps and tail columns, several column chunks,
-# rank groups of 16 and their tails.
-VARIANT_SHAPES = [(9, 37, 3), (4, 64, 1), (6, 16, 5), (5, 120, 17), (11, 1037, 33)]
+# rank groups of 16 and their tails, projections 4, 2 and 1 ranks per sweep (r = 7).
+VARIANT_SHAPES = [(9, 37, 3), (4, 64, 1), (6, 16, 5), (5, 120, 17), (11, 1037, 33), (10, 200, 7)]
 
 
 def _variant_inputs(dtype, acc):
