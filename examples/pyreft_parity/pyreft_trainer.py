@@ -55,7 +55,7 @@ from pathlib import Path
 import pyreft
 import torch
 import transformers
-from run import PROMPT, answer_loss_and_accuracy, plot, tiny_model, tiny_task
+from run import PROMPT, answer_loss_and_accuracy, plot, study_parser, tiny_model, tiny_task
 from seeds import mean_and_seeds, write_record
 
 from reft_ext.integrations.pyreft import apply
@@ -265,13 +265,8 @@ def summary_table(runs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--batch", type=int, default=32)
+    parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="the Trainer's default")
-    parser.add_argument("--out", type=Path, default=Path("parity-results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()

@@ -151,14 +151,20 @@ def plot(
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def study_parser(description: str) -> argparse.ArgumentParser:
+    """The tiny task's study options (seeds, steps, lr, batch, out) with their defaults, shared by
+    this loop and the study through pyreft's trainer (pyreft_trainer.py), so both run one task."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("parity-results"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = study_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     torch.set_num_threads(1)
     runs = []
     for seed in range(args.seeds):
