@@ -263,6 +263,21 @@ REFT_ROW_INLINE void accumulate_rows(acc_t* acc, const acc_t* const* c, const ac
 // The row at sorted position n: order[n], or n itself when there is no order (every row, in turn).
 REFT_ROW_INLINE int64_t row_at(const int64_t* order, int64_t n) { return order ? order[n] : n; }
 
+// Points `ahead` at the M rows at positions [later, later + M) of `order` in `in` and `out`
+// (stride d); false, and `ahead` untouched, where they do not all exist (later + M > end).
+template <int M, typename scalar_t>
+REFT_ROW_INLINE bool point_rows_ahead(RowsAhead<M, scalar_t>& ahead, const scalar_t* in,
+                                      scalar_t* out, const int64_t* order, int64_t later,
+                                      int64_t end, int64_t d) {
+  if (later + M > end) return false;
+  for (int i = 0; i < M; ++i) {
+    const int64_t row = row_at(order, later + i);
+    ahead.in[i] = in + row * d;
+    ahead.out[i] = out + row * d;
+  }
+  return true;
+}
+
 // Row buffers of one thread: rows converted to the accumulation dtype (when h is not already in
 // it) and the projections of each row of a block (`per_row` values each).
 template <typename scalar_t, typename acc_t>
@@ -381,12 +396,7 @@ REFT_ROW_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begin,
   int64_t n = begin;
   for (; n + kRowBlock <= end; n += kRowBlock) {
     const int64_t later = n + kPrefetchBlocks * kRowBlock;
-    const bool prefetch = later + kRowBlock <= end;
-    for (int i = 0; prefetch && i < kRowBlock; ++i) {
-      const int64_t row = row_at(a.order, later + i);
-      ahead.in[i] = a.h + row * a.d;
-      ahead.out[i] = a.out + row * a.d;
-    }
+    const bool prefetch = point_rows_ahead(ahead, a.h, a.out, a.order, later, end, a.d);
     forward_block<kRowBlock, T>(scratch, a, n, prefetch ? &ahead : nullptr);
   }
   for (; n < end; ++n) {
@@ -462,23 +472,17 @@ REFT_ROW_INLINE void backward_rows(const BackwardArgs<scalar_t>& a, acc_t* parti
   // The rows of ∂out and ∂h ahead are prefetched during the ∂h edit where there
   // is one (4–15 % faster than all at once, fp32 r 4, N 8192); h's rows, and ∂out's when ∂h is
   // not wanted, all at once before the block.
-  const bool spread = a.grad_h != nullptr;
   RowsAhead<kBackwardRowBlock, scalar_t> ahead;
   for (; n + kBackwardRowBlock <= end; n += kBackwardRowBlock) {
     const int64_t later = n + kPrefetchBlocks * kBackwardRowBlock;
-    const bool prefetch = later + kBackwardRowBlock <= end;
-    if (spread) {
-      for (int i = 0; prefetch && i < kBackwardRowBlock; ++i) {
-        const int64_t row = row_at(a.order, later + i);
-        ahead.in[i] = a.grad_out + row * a.d;
-        ahead.out[i] = a.grad_h + row * a.d;
-      }
+    bool spread = false;
+    if (a.grad_h) {
+      spread = point_rows_ahead(ahead, a.grad_out, a.grad_h, a.order, later, end, a.d);
     } else {
       prefetch_rows<kBackwardRowBlock>(a.grad_out, a.order, later, end, a.d);
     }
     if (a.want_P) prefetch_rows<kBackwardRowBlock>(a.h, a.order, later, end, a.d);
-    backward_block<kBackwardRowBlock, T>(scratch, a, partial, n,
-                                         spread && prefetch ? &ahead : nullptr);
+    backward_block<kBackwardRowBlock, T>(scratch, a, partial, n, spread ? &ahead : nullptr);
   }
   for (; n < end; ++n) {
     backward_block<1, T>(scratch, a, partial, n,

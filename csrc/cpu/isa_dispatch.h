@@ -14,6 +14,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 
 #define REFT_ROW_INLINE inline __attribute__((always_inline))
 
@@ -55,7 +56,7 @@ inline CpuKernels chosen_cpu_kernels() {
     const CpuKernels best = best_cpu_kernels();
     const char* cap = std::getenv("REFT_EXT_CPU_KERNELS");
     if (cap == nullptr || *cap == '\0') return best;
-    for (int v = 0; v < 3; ++v) {
+    for (int v = 0; v < static_cast<int>(std::size(kCpuKernelNames)); ++v) {
       if (std::strcmp(cap, kCpuKernelNames[v]) == 0) {
         return static_cast<int>(best) < v ? best : static_cast<CpuKernels>(v);
       }
