@@ -29,6 +29,9 @@ _LAYER, _COMPONENT, _UNIT, _MAX_UNITS, _RANK = range(5)
 _FIELDS = 14
 _SUPPORTED_COMPONENTS = {"block_output"}
 _ROTATE = "rotate_layer.parametrizations.weight."  # torch's orthogonal parametrization's keys
+#: How the drop-ins keep R orthonormal when their keyword ``orthogonality`` is not given (pyreft's
+#: function of its parameter: a pyreft recipe trains the same); ``apply()`` may change it.
+DROP_IN_ORTHOGONALITY_DEFAULT = "householder"
 
 Tensors = dict[str, torch.Tensor]
 
@@ -402,7 +405,7 @@ class PyreftSwap:
         self.remove()
 
 
-def apply(orthogonality: str = "householder") -> PyreftSwap:
+def apply(orthogonality: str = DROP_IN_ORTHOGONALITY_DEFAULT) -> PyreftSwap:
     """Make pyreft's intervention classes reft_ext's drop-ins, reversibly (one line).
 
     Every loaded module that holds one of pyreft's six classes (``pyreft.LoreftIntervention``,

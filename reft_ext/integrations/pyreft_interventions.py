@@ -74,7 +74,7 @@ except ImportError as error:
 from ..dtypes import accumulation_dtype
 from ..functional import lowrank_edit, lowrank_edit_act
 from ..modules import ORTHOGONALITY, orthonormal_parameter, parametrize_orthonormal
-from .pyreft import rotation_from_state
+from .pyreft import DROP_IN_ORTHOGONALITY_DEFAULT, rotation_from_state
 
 #: Keywords pyvene passes when it builds an intervention itself (its ``IntervenableModel`` and
 #: ``load``: a RepresentationConfig's fields, the component's width and ``use_fast``).
@@ -87,7 +87,7 @@ _NEUTRAL = {"dropout": (0.0, 0), "act_fn": (None, "linear"), "add_bias": (False,
 DROP_IN_ORTHOGONALITY = tuple(o for o in ORTHOGONALITY if o is not None)
 #: ``orthogonality`` where the keyword is not given: set (and restored) by
 #: :func:`reft_ext.integrations.pyreft.apply`.
-DEFAULTS = {"orthogonality": "householder"}
+DEFAULTS = {"orthogonality": DROP_IN_ORTHOGONALITY_DEFAULT}
 
 
 def check_orthogonality(owner: str, orthogonality) -> str:
